@@ -1,0 +1,104 @@
+"""The `segpipe` command line.
+
+    segpipe segment SRC --model CARD --out DIR [--tile N] [--overlap F] [--batch N] [--device cpu|cuda]
+    segpipe demo [--out DIR]
+
+Bad input (a missing or unreadable image, a card naming a missing weights file, a band count
+the card does not fit) ends with one line naming the file and the problem, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from flows.progress import console
+from pipelines.errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segpipe", description="Segment huge images with semantic segmentation networks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment one image")
+    segment.add_argument("src", help="source image (GeoTIFF / COG)")
+    segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
+    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    add_tiling_options(segment)
+    segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
+    segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
+
+    demo = commands.add_parser("demo", help="run the Prefect flow on the bundled Sentinel-2 demo archive")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="demo folder (default: demo-output)")
+    return parser
+
+
+def add_tiling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile", type=int, help="tile side in pixels (default: the card's)")
+    parser.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (default: the card's)")
+    parser.add_argument("--batch", type=int, help="tiles per model call (default 4)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "segment":
+            return segment_command(args)
+        return demo_command(args)
+    except InputError as exc:
+        print(f"segpipe: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    from flows.image_run import plan_image, resolve_settings, run_image
+    from flows.report import print_area_table
+    from pipelines.model_card import load_card
+
+    card = load_card(args.model)
+    settings = resolve_settings(
+        card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block,
+        device=args.device, workers=args.workers,
+    )
+    run = plan_image(args.src, card, settings, args.out, card.digest())
+    console.print(f"segmenting {run.source.uri} ({run.source.width} x {run.source.height}) with {card.name} on {settings.device}")
+    stats = run_image(run, dt.date.today())
+    console.print(f"labels:  {run.output_dir / 'labels.tif'}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
+    print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from flows.archive_flow import segment_archive
+    from flows.demo_scene import write_sentinel2_scene
+    from flows.report import print_area_table
+    from pipelines.stats import read_stats
+
+    archive = args.out / "archive"
+    scene = archive / "sentinel2_scene.tif"
+    if not scene.exists():
+        write_sentinel2_scene(scene)
+        console.print(f"wrote the demo archive: {scene}")
+    results = args.out / "results"
+    report = segment_archive(str(archive), "s2-cloud", str(results))
+    for name in report["done"]:
+        console.print(f"segmented {name}: {results / name / 'labels.tif'}, {results / name / 'preview.png'}")
+    for name in report["skipped"]:
+        console.print(f"skipped {name}: already done for s2-cloud ({results / name})")
+    for uri, reason in report["failed"].items():
+        console.print(f"failed {uri}: {reason}")
+    stats = read_stats(results / "stats")
+    latest = stats.filter(pc.equal(stats["run_date"], pc.max(stats["run_date"])))
+    print_area_table(latest, title=f"Clear / cloud / shadow areas (statistics in {results / 'stats'})")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Segmenting one image, stage by stage: ingest, segment, finalize, stats.
+
+Each stage is a plain function over an ImageRun so that the CLI can call them in a row and
+the Prefect flow can wrap each one as a task. Intermediate stores live under
+<out>/.work/<image>-<key>/; the image's folder <out>/<image>/ only appears, whole, when its
+outputs are complete, and the manifest record is written after the statistics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from flows.manifest import image_key, mark_done
+from flows.progress import stage_progress
+from pipelines.errors import InputError
+from pipelines.model_card import ModelCard
+from pipelines.cog import write_labels_cog
+from pipelines.preview import render_preview
+from pipelines.rasters import RasterInfo, check_bands, inspect_raster
+from pipelines.stats import class_area_table, pixel_area, write_stats
+from pipelines.tiling import TileGrid, block_partition
+from pipelines.zarr_stores import create_label_store, ingest_raster, shard_regions
+from segworkers.actors import segment_blocks
+from segworkers.predictor import BlockJob
+
+DEFAULT_BLOCK = 2048
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    tile: int
+    overlap: float
+    batch: int
+    block: int
+    device: str
+    blending: str = "gaussian"
+    workers: int | None = None
+
+    def affecting_output(self) -> dict:
+        """The settings that change the labels; block size and worker count never do."""
+        return {"tile": self.tile, "overlap": self.overlap, "blending": self.blending}
+
+
+def resolve_settings(
+    card: ModelCard,
+    tile: int | None = None,
+    overlap: float | None = None,
+    batch: int | None = None,
+    block: int | None = None,
+    device: str | None = None,
+    workers: int | None = None,
+) -> SegmentSettings:
+    tile = tile or card.tile_size
+    if card.fixed_tile_size and tile != card.tile_size:
+        raise InputError(card.source, f"model '{card.name}' takes only {card.tile_size}-pixel tiles, not {tile}")
+    overlap = card.overlap if overlap is None else overlap
+    if not 0 <= overlap < 1:
+        raise InputError(card.source, f"overlap must be in [0, 1), got {overlap}")
+    block = block or DEFAULT_BLOCK
+    block = -(-max(block, tile) // tile) * tile  # a whole number of tile-sized chunks per shard
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SegmentSettings(tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device, workers=workers)
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    source: RasterInfo
+    card: ModelCard
+    settings: SegmentSettings
+    out_root: Path
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.source.stem
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out_root / ".work" / f"{self.name}-{self.key[:12]}"
+
+    @property
+    def image_store(self) -> Path:
+        return self.work_dir / "image.zarr"
+
+    @property
+    def label_store(self) -> Path:
+        return self.work_dir / "labels.zarr"
+
+    @property
+    def staged_dir(self) -> Path:
+        return self.work_dir / "output"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.out_root / self.name
+
+
+def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_root: Path, card_digest: str) -> ImageRun:
+    """Check the source against the card before anything is written."""
+    info = inspect_raster(src)
+    check_bands(info, card.bands, card.source)
+    key = image_key(info.uri, card_digest, settings.affecting_output())
+    return ImageRun(info, card, settings, Path(out_root), key)
+
+
+def ingest(run: ImageRun) -> None:
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+    run.work_dir.mkdir(parents=True)
+    shards = block_partition((run.source.height, run.source.width), (run.settings.block,) * 2)
+    with stage_progress(f"ingest {run.name}", len(shards)) as advance:
+        ingest_raster(run.source, run.card.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+
+
+def segment(run: ImageRun) -> np.ndarray:
+    """Labels into the label store; returns the per-class pixel counts summed over blocks."""
+    grid = TileGrid((run.source.height, run.source.width), run.settings.tile, run.settings.overlap)
+    create_label_store(
+        run.label_store,
+        grid.shape,
+        chunk=run.settings.tile,
+        block=run.settings.block,
+        attributes={"classes": [c.name for c in run.card.classes], "model": run.card.name},
+    )
+    jobs = [
+        BlockJob(str(run.image_store), str(run.label_store), block, grid, run.settings.blending)
+        for block in shard_regions(run.label_store)
+    ]
+    with stage_progress(f"segment {run.name} ({len(grid)} tiles)", len(jobs)) as advance:
+        results = segment_blocks(
+            run.card, jobs, device=run.settings.device, batch_size=run.settings.batch,
+            workers=run.settings.workers, on_block_done=advance,
+        )
+    return np.sum([r.class_counts for r in results], axis=0)
+
+
+def finalize(run: ImageRun) -> None:
+    """Write labels.tif and preview.png, then move the image's folder into place in one rename."""
+    import zarr
+
+    labels = zarr.open_array(str(run.label_store), mode="r")
+    image = zarr.open_array(str(run.image_store), mode="r")
+    shutil.rmtree(run.staged_dir, ignore_errors=True)
+    run.staged_dir.mkdir(parents=True)
+    write_labels_cog(labels, run.staged_dir / "labels.tif", run.source.crs_wkt, run.source.transform, run.card.classes)
+    render_preview(image, labels, run.card.preview_bands, run.card.classes, run.staged_dir / "preview.png")
+    previous = run.work_dir / "previous-output"
+    if run.output_dir.exists():
+        run.output_dir.replace(previous)
+    run.staged_dir.replace(run.output_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def record_stats(run: ImageRun, counts: np.ndarray, run_date: dt.date) -> pa.Table:
+    area, unit = pixel_area(run.source.crs_wkt, run.source.transform)
+    table = class_area_table(
+        run.name, run.source.uri, counts, run.card.classes, area, unit, run.card.name, run.card.version, run_date
+    )
+    write_stats(table, run.out_root / "stats", basename=f"{run.name}-{run.key[:16]}")
+    return table
+
+
+def complete(run: ImageRun, run_date: dt.date) -> None:
+    mark_done(
+        run.out_root,
+        run.key,
+        {"image": run.name, "uri": run.source.uri, "model": run.card.name, "run_date": run_date,
+         "outputs": [str(run.output_dir / "labels.tif"), str(run.output_dir / "preview.png")]},
+    )
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+
+
+def discard(run: ImageRun) -> None:
+    """Drop a failed image's intermediate stores; its published folder is left as it was."""
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+
+
+def run_image(run: ImageRun, run_date: dt.date) -> pa.Table:
+    try:
+        ingest(run)
+        counts = segment(run)
+        finalize(run)
+        table = record_stats(run, counts, run_date)
+        complete(run, run_date)
+        return table
+    except BaseException:
+        discard(run)
+        raise

@@ -1,0 +1,37 @@
+"""What has been done: one small JSON record per finished image, keyed for idempotency.
+
+An image's key hashes its URI, size and modification time with the model card's digest and the
+settings that change the output, so a nightly run skips an image only when the very same
+result is already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def image_key(uri: str, card_digest: str, settings: dict) -> str:
+    stat = os.stat(uri)
+    identity = {"uri": str(Path(uri).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    payload = json.dumps({"image": identity, "model": card_digest, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def manifest_path(out_root: Path, key: str) -> Path:
+    return out_root / ".manifest" / f"{key}.json"
+
+
+def is_done(out_root: Path, key: str) -> bool:
+    return manifest_path(out_root, key).exists()
+
+
+def mark_done(out_root: Path, key: str, record: dict) -> None:
+    """Written last, after every output is in place; the rename makes it all-or-nothing."""
+    path = manifest_path(out_root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=2, default=str))
+    partial.replace(path)

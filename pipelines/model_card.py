@@ -1,0 +1,171 @@
+"""Model cards: the YAML file that tells a run everything it needs to know about a model.
+
+A card names the model's format and weights, the classes it predicts (names and colours),
+which source bands it reads and how to normalise them, and the tile geometry it wants.
+Cards are plain data: parsing them needs neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipelines.errors import InputError
+
+FORMATS = ("onnx", "torchscript", "smp", "registry")
+BUILTIN_CARDS = Path(__file__).with_name("cards")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    format: str
+    weights: Path
+    classes: tuple[ClassInfo, ...]
+    bands: tuple[int, ...]
+    """1-based band indexes of the source image, in the order the model expects them."""
+    band_names: tuple[str, ...]
+    scale: float
+    """Multiplier applied to raw pixel values before normalisation (e.g. 1e-4 for S2 DN)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tile_size: int
+    overlap: float
+    fixed_tile_size: bool
+    """True when the model accepts only tile_size inputs (e.g. an ONNX graph with static shape)."""
+    halo: int = 0
+    """Context margin in pixels read around each tile; the model returns the tile without it."""
+    spatial_dims: int = 2
+    architecture: str | None = None
+    architecture_options: dict = field(default_factory=dict)
+    preview_bands: tuple[int, ...] = ()
+    """Positions (0-based, into `bands`) of the red, green, blue inputs used for the preview."""
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.bands)
+
+    def digest(self) -> str:
+        """A hash of everything that changes the model's output: card fields and weights bytes."""
+        h = hashlib.sha256()
+        fields = asdict(self)
+        fields.pop("source")
+        fields["weights"] = self.weights.name
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        weights_files = sorted(p for p in self.weights.rglob("*") if p.is_file()) if self.weights.is_dir() else [self.weights]
+        for path in weights_files:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def builtin_card_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CARDS.glob("*.yaml"))
+
+
+def load_card(name_or_path: str | Path) -> ModelCard:
+    """Load a card from a YAML path or by the name of a built-in card (see builtin_card_names)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        builtin = BUILTIN_CARDS / f"{name_or_path}.yaml"
+        if not builtin.exists():
+            known = ", ".join(builtin_card_names())
+            raise InputError(name_or_path, f"no such model card file, and not a built-in card ({known})")
+        path = builtin
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(path, f"cannot read model card: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InputError(path, "model card must be a YAML mapping")
+    return parse_card(raw, path)
+
+
+def parse_card(raw: dict, path: Path) -> ModelCard:
+    def need(mapping: dict, key: str, where: str = ""):
+        if key not in mapping:
+            raise InputError(path, f"model card is missing '{where}{key}'")
+        return mapping[key]
+
+    fmt = need(raw, "format")
+    if fmt not in FORMATS:
+        raise InputError(path, f"unknown model format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    inputs = need(raw, "input")
+    tile = need(raw, "tile")
+    bands = tuple(int(b) for b in need(inputs, "bands", "input."))
+    mean = tuple(float(m) for m in inputs.get("mean", [0.0] * len(bands)))
+    std = tuple(float(s) for s in inputs.get("std", [1.0] * len(bands)))
+    if not (len(mean) == len(std) == len(bands)):
+        raise InputError(path, f"input.mean ({len(mean)}), input.std ({len(std)}) and input.bands ({len(bands)}) differ in length")
+    classes = tuple(
+        ClassInfo(int(c["id"]), str(c["name"]), parse_color(c.get("color", "#808080"), path))
+        for c in need(raw, "classes")
+    )
+    if [c.id for c in classes] != list(range(len(classes))):
+        raise InputError(path, "classes must be listed with ids 0, 1, 2, ... in order")
+    card = ModelCard(
+        name=str(need(raw, "name")),
+        version=str(raw.get("version", "0")),
+        format=fmt,
+        weights=resolve_weights(str(need(raw, "weights")), path),
+        classes=classes,
+        bands=bands,
+        band_names=tuple(str(b) for b in inputs.get("band_names", [f"band{b}" for b in bands])),
+        scale=float(inputs.get("scale", 1.0)),
+        mean=mean,
+        std=std,
+        tile_size=int(need(tile, "size", "tile.")),
+        overlap=float(tile.get("overlap", 0.25)),
+        fixed_tile_size=bool(tile.get("fixed_size", False)),
+        halo=int(tile.get("halo", 0)),
+        spatial_dims=int(raw.get("spatial_dims", 2)),
+        architecture=raw.get("architecture"),
+        architecture_options=dict(raw.get("architecture_options", {})),
+        preview_bands=tuple(int(b) for b in inputs.get("preview_bands", range(min(3, len(bands))))),
+        source=str(path),
+    )
+    if card.format == "registry" and not card.architecture:
+        raise InputError(path, "a 'registry' model card must name its 'architecture'")
+    return card
+
+
+def resolve_weights(spec: str, card_path: Path) -> Path:
+    """Weights are a path relative to the card, or package://PACKAGE/FILE inside an installed package."""
+    if spec.startswith("package://"):
+        package, _, relative = spec.removeprefix("package://").partition("/")
+        try:
+            weights = Path(str(importlib.resources.files(package).joinpath(relative)))
+        except ModuleNotFoundError as exc:
+            raise InputError(card_path, f"weights package '{package}' is not installed") from exc
+    else:
+        weights = (card_path.parent / spec).resolve()
+    if not weights.exists():
+        raise InputError(weights, f"weights file named by model card {card_path} does not exist")
+    return weights
+
+
+def parse_color(value, path: Path) -> tuple[int, int, int]:
+    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
+        return tuple(int(value[i : i + 2], 16) for i in (1, 3, 5))
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(int(v) for v in value)
+    raise InputError(path, f"class colour {value!r} is neither '#rrggbb' nor [r, g, b]")

@@ -1,0 +1,73 @@
+"""GeoTIFF / COG (anything GDAL reads) through rasterio: inspect a source, read windows of it.
+
+Only URIs cross function boundaries: a rasterio handle is not thread-safe, so every reader
+thread opens its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipelines.errors import InputError
+from pipelines.tiling import Region
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    uri: str
+    height: int
+    width: int
+    count: int
+    dtype: str
+    crs_wkt: str | None
+    transform: tuple[float, ...]
+    """Affine coefficients (a, b, c, d, e, f) as rasterio orders them."""
+    nodata: float | None
+
+    @property
+    def stem(self) -> str:
+        return Path(self.uri).stem
+
+
+def inspect_raster(uri: str | Path) -> RasterInfo:
+    uri = str(uri)
+    if "://" not in uri and not Path(uri).exists():
+        raise InputError(uri, "no such file")
+    try:
+        with rasterio.open(uri) as src:
+            return RasterInfo(
+                uri=uri,
+                height=src.height,
+                width=src.width,
+                count=src.count,
+                dtype=src.dtypes[0],
+                crs_wkt=src.crs.to_wkt() if src.crs else None,
+                transform=tuple(src.transform)[:6],
+                nodata=src.nodata,
+            )
+    except RasterioError as exc:
+        raise InputError(uri, f"not a readable raster ({exc})") from exc
+
+
+def check_bands(info: RasterInfo, bands: tuple[int, ...], card_source: str) -> None:
+    if max(bands) > info.count or min(bands) < 1:
+        raise InputError(
+            info.uri,
+            f"has {info.count} band(s) but model card {card_source} needs bands {list(bands)}",
+        )
+
+
+def read_region(uri: str, bands: tuple[int, ...], region: Region) -> np.ndarray:
+    """Read bands x region (2D) from the source; raises InputError on a corrupt or truncated file."""
+    (row0, col0), (row1, col1) = region.start, region.stop
+    try:
+        with rasterio.open(uri) as src:
+            return src.read(list(bands), window=Window(col0, row0, col1 - col0, row1 - row0))
+    except RasterioError as exc:
+        raise InputError(uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc

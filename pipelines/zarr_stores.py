@@ -1,0 +1,110 @@
+"""Zarr v3 stores of the pipeline: the ingested image and the label output.
+
+Both are chunked on the tile grid and sharded by output block. A write rewrites a whole shard,
+so every array is created (with its metadata) before any worker starts, and each shard has
+exactly one writer: the block that it covers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import dask
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+
+from pipelines.rasters import RasterInfo, read_region
+from pipelines.tiling import Region, block_partition
+
+NODATA_LABEL = 255
+
+
+class _CountFinishedTasks(Callback):
+    def __init__(self, on_task_done: Callable[[], None]):
+        super().__init__()
+        self.on_task_done = on_task_done
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.on_task_done()
+
+
+def ingest_raster(
+    info: RasterInfo,
+    bands: tuple[int, ...],
+    store_path: Path,
+    chunk: int,
+    shard: int,
+    on_shard_done: Callable[[], None] = lambda: None,
+    max_threads: int = 4,
+) -> zarr.Array:
+    """Copy the selected bands of a raster into a sharded Zarr v3 array (band, y, x).
+
+    Dask copies one shard per task, each reading its own window of the source, so memory is
+    bounded by (threads x shard) and every shard has one writer.
+    """
+    image = zarr.create_array(
+        store=str(store_path),
+        shape=(len(bands), info.height, info.width),
+        dtype=info.dtype,
+        chunks=(len(bands), chunk, chunk),
+        shards=(len(bands), shard, shard),
+        fill_value=0,
+        dimension_names=("band", "y", "x"),
+        attributes={
+            "source": info.uri,
+            "bands": list(bands),
+            "crs_wkt": info.crs_wkt,
+            "transform": list(info.transform),
+            "nodata": info.nodata,
+        },
+        overwrite=True,
+    )
+
+    def copy_shard(region: Region) -> None:
+        image[(slice(None), *region.slices())] = read_region(info.uri, bands, region)
+
+    shards = block_partition((info.height, info.width), (shard, shard))
+    with _CountFinishedTasks(on_shard_done):
+        dask.compute(
+            *[dask.delayed(copy_shard)(region) for region in shards],
+            scheduler="threads",
+            num_workers=max_threads,
+        )
+    return image
+
+
+def shard_regions(store_path: Path) -> list[Region]:
+    array = zarr.open_array(str(store_path), mode="r")
+    return block_partition(array.shape[-2:], array.shards[-2:])
+
+
+def create_label_store(store_path: Path, shape: tuple[int, ...], chunk: int, block: int, attributes: dict) -> zarr.Array:
+    """The uint8 label array, one shard per output block; pixels never written read as NODATA_LABEL."""
+    return zarr.create_array(
+        store=str(store_path),
+        shape=shape,
+        dtype="uint8",
+        chunks=(chunk,) * len(shape),
+        shards=(block,) * len(shape),
+        fill_value=NODATA_LABEL,
+        dimension_names=("y", "x") if len(shape) == 2 else ("z", "y", "x"),
+        attributes=attributes,
+        overwrite=True,
+    )
+
+
+def read_padded(image: zarr.Array, region: Region) -> np.ndarray:
+    """Read (band, *region) from the image; parts outside the image are mirrored from inside.
+
+    The mirror is about the image edge, so the same tile reads the same values whichever
+    block asks for it.
+    """
+    spatial = image.shape[1:]
+    inside = region.intersection(Region((0,) * len(spatial), spatial))
+    data = image[(slice(None), *inside.slices())]
+    pads = [(0, 0)] + [(a - r0, r1 - b) for a, b, r0, r1 in zip(inside.start, inside.stop, region.start, region.stop)]
+    if any(p != (0, 0) for p in pads):
+        data = np.pad(data, pads, mode="reflect" if min(inside.shape) > 1 else "edge")
+    return data

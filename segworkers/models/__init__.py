@@ -1,0 +1,38 @@
+"""The model registry: build any architecture by name.
+
+    create("unet_padded", num_classes=3, in_channels=6) -> nn.Module
+
+Every model maps (N, C, H, W) to logits (N, K, H, W). Builders register themselves with
+@register in the module of their architecture family.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def decorate(builder: Callable[..., nn.Module]):
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} registered twice")
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorate
+
+
+def names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def create(name: str, num_classes: int, in_channels: int, **options) -> nn.Module:
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
+    return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, **options)
+
+
+from segworkers.models import unet  # noqa: E402,F401  (registers its builders)
