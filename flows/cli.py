@@ -68,7 +68,7 @@ def segment_command(args: argparse.Namespace) -> int:
     run = plan_image(args.src, card, settings, args.out, card.digest())
     console.print(f"segmenting {run.source.uri} ({run.source.width} x {run.source.height}) with {card.name} on {settings.device}")
     stats = run_image(run, dt.date.today())
-    console.print(f"labels:  {run.output_dir / 'labels.tif'}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
+    print(f"labels:  {run.output_dir / 'labels.tif'}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
     print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
     return 0
 
@@ -89,11 +89,11 @@ def demo_command(args: argparse.Namespace) -> int:
     results = args.out / "results"
     report = segment_archive(str(archive), "s2-cloud", str(results))
     for name in report["done"]:
-        console.print(f"segmented {name}: {results / name / 'labels.tif'}, {results / name / 'preview.png'}")
+        print(f"segmented {name}: {results / name / 'labels.tif'}, {results / name / 'preview.png'}")
     for name in report["skipped"]:
-        console.print(f"skipped {name}: already done for s2-cloud ({results / name})")
+        print(f"skipped {name}: already done for s2-cloud ({results / name})")
     for uri, reason in report["failed"].items():
-        console.print(f"failed {uri}: {reason}")
+        print(f"failed {uri}: {reason}")
     stats = read_stats(results / "stats")
     latest = stats.filter(pc.equal(stats["run_date"], pc.max(stats["run_date"])))
     print_area_table(latest, title=f"Clear / cloud / shadow areas (statistics in {results / 'stats'})")

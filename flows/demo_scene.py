@@ -62,6 +62,9 @@ def write_sentinel2_scene(path: Path) -> Path:
 def resample_nearest(values: np.ndarray, transform: Affine, target: Affine, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour lookup of `values` (on `transform`) at the pixel centres of the target grid."""
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
-    xs, ys = target * (cols, rows)
-    src_cols, src_rows = ~transform * (xs, ys)
+    xs = target.a * cols + target.b * rows + target.c
+    ys = target.d * cols + target.e * rows + target.f
+    inverse = ~transform
+    src_cols = inverse.a * xs + inverse.b * ys + inverse.c
+    src_rows = inverse.d * xs + inverse.e * ys + inverse.f
     return values[np.floor(src_rows).astype(int), np.floor(src_cols).astype(int)]

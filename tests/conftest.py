@@ -1,0 +1,47 @@
+"""Shared fixtures: one local Ray cluster and one Prefect test server for the whole session,
+and the real Sentinel-2 demo scene written once as a GeoTIFF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sentinel_scene(tmp_path_factory) -> Path:
+    from flows.demo_scene import write_sentinel2_scene
+
+    return write_sentinel2_scene(tmp_path_factory.mktemp("archive") / "sentinel2_scene.tif")
+
+
+@pytest.fixture(scope="session")
+def segmented_scene(ray_cluster, sentinel_scene, tmp_path_factory) -> Path:
+    """`segpipe segment` run once on the scene with the built-in s2-cloud card; returns DIR."""
+    from flows.cli import main
+
+    out = tmp_path_factory.mktemp("segment-out")
+    assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", str(out)]) == 0
+    return out

@@ -1,0 +1,105 @@
+"""Bad input stops `segpipe segment` with one line naming the file, exit code 2, and nothing
+left behind that looks like a finished result."""
+
+import shutil
+
+import rasterio
+import yaml
+
+from flows.cli import main
+from pipelines.model_card import load_card
+
+
+def run_segment(capsys, src, out, model="s2-cloud"):
+    code = main(["segment", str(src), "--model", str(model), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def assert_nothing_published(out, stem):
+    assert not (out / stem).exists()
+    assert not (out / "stats").exists()
+    assert not (out / ".work").exists() or not any((out / ".work").iterdir())
+
+
+def test_missing_source(capsys, tmp_path):
+    code, err = run_segment(capsys, tmp_path / "nope.tif", tmp_path / "out")
+    assert code == 2
+    assert err == [f"segpipe: error: {tmp_path / 'nope.tif'}: no such file"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_that_is_not_an_image(capsys, tmp_path):
+    src = tmp_path / "garbage.tif"
+    src.write_bytes(b"this is not a tiff" * 100)
+    code, err = run_segment(capsys, src, tmp_path / "out")
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"segpipe: error: {src}: not a readable raster")
+
+
+def test_truncated_geotiff_fails_during_ingest_and_leaves_nothing(ray_cluster, capsys, sentinel_scene, tmp_path):
+    src = tmp_path / "truncated.tif"
+    data = sentinel_scene.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    code, err = run_segment(capsys, src, out)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"segpipe: error: {src}: ")
+    assert_nothing_published(out, "truncated")
+
+
+def test_card_naming_a_missing_weights_file(capsys, sentinel_scene, tmp_path):
+    card = yaml.safe_load(open(load_card("s2-cloud").source))
+    card["weights"] = "weights/missing.onnx"
+    card_path = tmp_path / "card.yaml"
+    card_path.write_text(yaml.safe_dump(card))
+    code, err = run_segment(capsys, sentinel_scene, tmp_path / "out", model=card_path)
+    assert code == 2
+    assert err == [
+        f"segpipe: error: {tmp_path / 'weights' / 'missing.onnx'}: weights file named by model card {card_path} does not exist"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_builtin_card(capsys, sentinel_scene, tmp_path):
+    code, err = run_segment(capsys, sentinel_scene, tmp_path / "out", model="no-such-model")
+    assert code == 2 and len(err) == 1
+    assert "no-such-model: no such model card file, and not a built-in card (s2-cloud)" in err[0]
+
+
+def test_band_count_that_does_not_match_the_card(capsys, sentinel_scene, tmp_path):
+    with rasterio.open(sentinel_scene) as src:
+        profile, rgb = src.profile, src.read([3, 2, 1])
+    three_bands = tmp_path / "rgb.tif"
+    profile.update(count=3)
+    with rasterio.open(three_bands, "w", **profile) as dst:
+        dst.write(rgb)
+    code, err = run_segment(capsys, three_bands, tmp_path / "out")
+    assert code == 2
+    assert err == [
+        f"segpipe: error: {three_bands}: has 3 band(s) but model card {load_card('s2-cloud').source} needs bands [1, 2, 3, 4, 5, 6]"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_rerun_keeps_the_previous_complete_result(ray_cluster, capsys, sentinel_scene, tmp_path):
+    """A good run publishes; a later run of the same name on a corrupt file fails and leaves
+    the earlier result as it was."""
+    src = tmp_path / "scene.tif"
+    shutil.copy(sentinel_scene, src)
+    out = tmp_path / "out"
+    assert main(["segment", str(src), "--model", "s2-cloud", "--out", str(out)]) == 0
+    before = (out / "scene" / "labels.tif").read_bytes()
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    code, _ = run_segment(capsys, src, out)
+    assert code == 2
+    assert (out / "scene" / "labels.tif").read_bytes() == before
+    assert not any((out / ".work").iterdir())
+
+
+def test_tile_size_a_fixed_size_model_cannot_take(capsys, sentinel_scene, tmp_path):
+    code = main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", str(tmp_path / "o"), "--tile", "128"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"segpipe: error: {load_card('s2-cloud').source}: model 's2-cloud' takes only 256-pixel tiles, not 128"]

@@ -1,0 +1,72 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from pipelines.blending import BlockAccumulator, gaussian_weights
+from pipelines.tiling import Region, TileGrid, axis_origins, block_partition
+
+
+@pytest.mark.parametrize("size", [1, 200, 256, 257, 300, 1000, 4097])
+@pytest.mark.parametrize("tile,overlap", [(256, 0.25), (256, 0.0), (64, 0.5)])
+def test_axis_origins_cover_the_axis_with_the_last_tile_flush(size, tile, overlap):
+    origins = axis_origins(size, tile, overlap)
+    assert origins[0] == 0
+    assert list(origins) == sorted(set(origins))
+    if size <= tile:
+        assert origins == (0,)
+        return
+    assert origins[-1] == size - tile
+    stride = round(tile * (1 - overlap))
+    assert all(b - a <= stride for a, b in zip(origins, origins[1:]))
+    covered = np.zeros(size, dtype=bool)
+    for o in origins:
+        covered[o : o + tile] = True
+    assert covered.all()
+
+
+def test_tiles_touching_a_block_are_exactly_the_overlapping_tiles():
+    grid = TileGrid((700, 500), 128, 0.25)
+    all_tiles = [grid.tile(origin) for origin in itertools.product(*grid.origins)]
+    for block in block_partition(grid.shape, (256, 256)):
+        expected = [t for t in all_tiles if t.intersection(block) is not None]
+        assert grid.tiles_touching(block) == expected
+
+
+def test_block_partition_covers_every_pixel_once():
+    shape = (1000, 777)
+    hits = np.zeros(shape, dtype=int)
+    for block in block_partition(shape, (256, 512)):
+        hits[block.slices()] += 1
+    assert (hits == 1).all()
+
+
+def test_gaussian_weights_peak_in_the_centre_and_stay_positive():
+    w = gaussian_weights((64, 64))
+    assert w.dtype == np.float32
+    assert w.max() == pytest.approx(1.0)
+    assert np.unravel_index(w.argmax(), w.shape) in {(31, 31), (31, 32), (32, 31), (32, 32)}
+    assert (w > 0).all()
+    np.testing.assert_array_equal(w, w[::-1, ::-1])
+    assert w[0, 0] < 0.01 * w[32, 32]
+
+
+def test_blocks_blend_to_the_same_labels_as_the_whole_image():
+    """Accumulating per block gives bit-identical labels to one accumulator over the image."""
+    rng = np.random.default_rng(0)
+    grid = TileGrid((300, 260), 64, 0.5)
+    weights = gaussian_weights((64, 64))
+    tiles = [grid.tile(o) for o in itertools.product(*grid.origins)]
+    probabilities = {t: rng.random((4, 64, 64), dtype=np.float32) for t in tiles}
+
+    whole = BlockAccumulator(Region((0, 0), grid.shape), 4, weights)
+    for t in tiles:
+        whole.add(t, probabilities[t])
+    for block_side in (64, 128, 192):
+        stitched = np.full(grid.shape, 99, dtype=np.uint8)
+        for block in block_partition(grid.shape, (block_side, block_side)):
+            part = BlockAccumulator(block, 4, weights)
+            for t in grid.tiles_touching(block):
+                part.add(t, probabilities[t])
+            stitched[block.slices()] = part.labels()
+        np.testing.assert_array_equal(stitched, whole.labels())
