@@ -28,6 +28,7 @@ from pipelines.tiling import TileGrid, block_partition
 from pipelines.zarr_stores import create_label_store, ingest_raster, shard_regions
 from segworkers.actors import segment_blocks
 from segworkers.predictor import BlockJob
+from segworkers.tile_models import best_device
 
 DEFAULT_BLOCK = 2048
 
@@ -64,11 +65,9 @@ def resolve_settings(
         raise InputError(card.source, f"overlap must be in [0, 1), got {overlap}")
     block = block or DEFAULT_BLOCK
     block = -(-max(block, tile) // tile) * tile  # a whole number of tile-sized chunks per shard
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return SegmentSettings(tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device, workers=workers)
+    return SegmentSettings(
+        tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card), workers=workers
+    )
 
 
 @dataclass(frozen=True)

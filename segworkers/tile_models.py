@@ -19,6 +19,19 @@ from pipelines.model_card import ModelCard
 TileModel = Callable[[np.ndarray], np.ndarray]
 
 
+def best_device(card: ModelCard) -> str:
+    """cuda when there is a GPU that this card's runtime can use, else cpu."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    if card.format == "onnx":
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return "cuda"
+
+
 def load_tile_model(card: ModelCard, device: str, threads: int) -> TileModel:
     loaders = {"onnx": load_onnx, "torchscript": load_torchscript, "smp": load_smp, "registry": load_registry}
     try:
