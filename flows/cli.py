@@ -1,6 +1,7 @@
 """The `segpipe` command line.
 
     segpipe segment SRC --model CARD --out DIR [--tile N] [--overlap F] [--batch N] [--device cpu|cuda]
+    segpipe models list [--classes K] [--bands C]
     segpipe demo [--out DIR]
 
 Bad input (a missing or unreadable image, a card naming a missing weights file, a band count
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
     segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
 
+    models = commands.add_parser("models", help="the model zoo")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_commands.add_parser("list", help="registry architectures with parameter counts, and built-in cards")
+    models_list.add_argument("--classes", type=int, default=21, help="classes to count parameters for (default 21)")
+    models_list.add_argument("--bands", type=int, default=3, help="input bands to count parameters for (default 3)")
+
     demo = commands.add_parser("demo", help="run the Prefect flow on the bundled Sentinel-2 demo archive")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="demo folder (default: demo-output)")
     return parser
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "segment":
             return segment_command(args)
+        if args.command == "models":
+            return models_list_command(args)
         return demo_command(args)
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
@@ -70,6 +79,28 @@ def segment_command(args: argparse.Namespace) -> int:
     stats = run_image(run, dt.date.today())
     print(f"labels:  {run.output_dir / 'labels.tif'}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
     print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
+    return 0
+
+
+def models_list_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.model_card import builtin_card_names, load_card
+    from segworkers import models
+
+    table = Table(title=f"segworkers.models ({args.classes} classes, {args.bands} input bands)")
+    table.add_column("name")
+    table.add_column("parameters", justify="right")
+    for name in models.names():
+        table.add_row(name, f"{models.parameter_count(name, args.classes, args.bands) / 1e6:,.2f} M")
+    cards = Table(title="built-in model cards")
+    for column in ("card", "format", "classes", "tile"):
+        cards.add_column(column)
+    for name in builtin_card_names():
+        card = load_card(name)
+        cards.add_row(name, card.format, ", ".join(c.name for c in card.classes), str(card.tile_size))
+    Console().print(table, cards)
     return 0
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from pipelines.errors import InputError
 
-FORMATS = ("onnx", "torchscript", "smp", "registry")
+FORMATS = ("onnx", "torchscript", "smp", "torchvision", "registry")
 BUILTIN_CARDS = Path(__file__).with_name("cards")
 
 
@@ -47,7 +47,7 @@ class ModelCard:
     fixed_tile_size: bool
     """True when the model accepts only tile_size inputs (e.g. an ONNX graph with static shape)."""
     halo: int = 0
-    """Context margin in pixels read around each tile; the model returns the tile without it."""
+    """Context margin in pixels read around each tile (0: the model's own `halo`, if it declares one)."""
     spatial_dims: int = 2
     architecture: str | None = None
     architecture_options: dict = field(default_factory=dict)
@@ -143,8 +143,8 @@ def parse_card(raw: dict, path: Path) -> ModelCard:
         preview_bands=tuple(int(b) for b in inputs.get("preview_bands", range(min(3, len(bands))))),
         source=str(path),
     )
-    if card.format == "registry" and not card.architecture:
-        raise InputError(path, "a 'registry' model card must name its 'architecture'")
+    if card.format in ("registry", "torchvision") and not card.architecture:
+        raise InputError(path, f"a '{card.format}' model card must name its 'architecture'")
     return card
 
 

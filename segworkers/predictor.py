@@ -52,7 +52,7 @@ class BlockPredictor:
     def predict_tiles(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K, *tile) of a batch of tiles read with their halo."""
         logits = self.model(batch)
-        tile = tuple(size - 2 * self.card.halo for size in batch.shape[2:])
+        tile = tuple(size - 2 * self.model.halo for size in batch.shape[2:])
         crop = tuple(slice((have - want) // 2, (have - want) // 2 + want) for have, want in zip(logits.shape[2:], tile))
         logits = logits[(slice(None), slice(None), *crop)]
         logits = logits - logits.max(axis=1, keepdims=True)
@@ -62,7 +62,7 @@ class BlockPredictor:
     def segment(self, job: BlockJob) -> BlockResult:
         image = zarr.open_array(job.image_store, mode="r")
         tiles = job.grid.tiles_touching(job.block)
-        halo = self.card.halo
+        halo = self.model.halo
         context = Region(
             tuple(min(t.start[i] for t in tiles) - halo for i in range(len(job.block.start))),
             tuple(max(t.stop[i] for t in tiles) + halo for i in range(len(job.block.start))),

@@ -29,6 +29,15 @@ def names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def parameter_count(name: str, num_classes: int = 21, in_channels: int = 3, **options) -> int:
+    """Parameters of a model, counted on the meta device: nothing is allocated or initialised."""
+    import torch
+
+    with torch.device("meta"):
+        model = create(name, num_classes=num_classes, in_channels=in_channels, **options)
+    return sum(p.numel() for p in model.parameters())
+
+
 def create(name: str, num_classes: int, in_channels: int, **options) -> nn.Module:
     if name not in _BUILDERS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
