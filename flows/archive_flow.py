@@ -11,7 +11,6 @@ import datetime as dt
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 # The ephemeral API server's telemetry heartbeat races the first migrations on SQLite
@@ -22,7 +21,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import image_run
-from flows.image_run import ImageRun, plan_image, resolve_settings
+from flows.image_run import ImageRun, SegmentSummary, plan_image, resolve_settings
 from flows.manifest import is_done
 from pipelines.errors import InputError
 from pipelines.model_card import load_card
@@ -44,7 +43,7 @@ def ingest(run: ImageRun) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def segment(run: ImageRun) -> np.ndarray:
+def segment(run: ImageRun) -> SegmentSummary:
     return image_run.segment(run)
 
 
@@ -54,8 +53,8 @@ def finalize(run: ImageRun) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def record_stats(run: ImageRun, counts: np.ndarray, run_date: dt.date) -> pa.Table:
-    table = image_run.record_stats(run, counts, run_date)
+def record_stats(run: ImageRun, summary: SegmentSummary, run_date: dt.date) -> pa.Table:
+    table = image_run.record_stats(run, summary, run_date)
     image_run.complete(run, run_date)
     return table
 
@@ -90,9 +89,9 @@ def segment_archive(
             continue
         try:
             ingest(run)
-            counts = segment(run)
+            summary = segment(run)
             finalize(run)
-            report["stats"].append(record_stats(run, counts, run_date))
+            report["stats"].append(record_stats(run, summary, run_date))
             report["done"].append(run.name)
         except InputError as exc:
             image_run.discard(run)

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiling_options(segment)
     segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
     segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
+    segment.add_argument("--probabilities", action="store_true",
+                         help="also write uint8-quantised class probabilities to DIR/<image>/probabilities.zarr")
 
     models = commands.add_parser("models", help="the model zoo")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -48,7 +50,10 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, help="tile side in pixels (default: the card's)")
     parser.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (default: the card's)")
     parser.add_argument("--batch", type=int, help="tiles per model call (default 4)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when the model's runtime can use a GPU")
+    parser.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian",
+                        help="weights of overlapping tiles (default gaussian, sigma = tile / 8)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over all flips")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,13 +76,16 @@ def segment_command(args: argparse.Namespace) -> int:
 
     card = load_card(args.model)
     settings = resolve_settings(
-        card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block,
-        device=args.device, workers=args.workers,
+        card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block, device=args.device,
+        workers=args.workers, blending=args.blending, tta=args.tta, probabilities=args.probabilities,
     )
     run = plan_image(args.src, card, settings, args.out, card.digest())
     console.print(f"segmenting {run.source.uri} ({run.source.width} x {run.source.height}) with {card.name} on {settings.device}")
-    stats = run_image(run, dt.date.today())
+    summary, stats = run_image(run, dt.date.today())
     print(f"labels:  {run.output_dir / 'labels.tif'}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
+    if settings.probabilities:
+        print(f"probabilities: {run.output_dir / 'probabilities.zarr'} (uint8, probability x 255)")
+    print(f"tiles:   {summary.tiles - summary.tiles_skipped} segmented, {summary.tiles_skipped} skipped (no valid pixels)")
     print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
     return 0
 

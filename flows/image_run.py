@@ -24,8 +24,9 @@ from pipelines.cog import write_labels_cog
 from pipelines.preview import render_preview
 from pipelines.rasters import RasterInfo, check_bands, inspect_raster
 from pipelines.stats import class_area_table, pixel_area, write_stats
+from pipelines.background import tiles_with_data
 from pipelines.tiling import TileGrid, block_partition
-from pipelines.zarr_stores import create_label_store, ingest_raster, shard_regions
+from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_raster, shard_regions
 from segworkers.actors import segment_blocks
 from segworkers.predictor import BlockJob
 from segworkers.tile_models import best_device
@@ -41,11 +42,14 @@ class SegmentSettings:
     block: int
     device: str
     blending: str = "gaussian"
+    tta: bool = False
+    probabilities: bool = False
     workers: int | None = None
 
     def affecting_output(self) -> dict:
-        """The settings that change the labels; block size and worker count never do."""
-        return {"tile": self.tile, "overlap": self.overlap, "blending": self.blending}
+        """The settings that change the outputs; block size and worker count never do."""
+        return {"tile": self.tile, "overlap": self.overlap, "blending": self.blending, "tta": self.tta,
+                "probabilities": self.probabilities}
 
 
 def resolve_settings(
@@ -56,6 +60,9 @@ def resolve_settings(
     block: int | None = None,
     device: str | None = None,
     workers: int | None = None,
+    blending: str = "gaussian",
+    tta: bool = False,
+    probabilities: bool = False,
 ) -> SegmentSettings:
     tile = tile or card.tile_size
     if card.fixed_tile_size and tile != card.tile_size:
@@ -66,7 +73,8 @@ def resolve_settings(
     block = block or DEFAULT_BLOCK
     block = -(-max(block, tile) // tile) * tile  # a whole number of tile-sized chunks per shard
     return SegmentSettings(
-        tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card), workers=workers
+        tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card),
+        blending=blending, tta=tta, probabilities=probabilities, workers=workers,
     )
 
 
@@ -95,6 +103,14 @@ class ImageRun:
         return self.work_dir / "labels.zarr"
 
     @property
+    def probability_store(self) -> Path:
+        return self.work_dir / "probabilities.zarr"
+
+    @property
+    def background_mask(self) -> Path:
+        return self.work_dir / "valid_lowres.npy"
+
+    @property
     def staged_dir(self) -> Path:
         return self.work_dir / "output"
 
@@ -116,29 +132,50 @@ def ingest(run: ImageRun) -> None:
     run.work_dir.mkdir(parents=True)
     shards = block_partition((run.source.height, run.source.width), (run.settings.block,) * 2)
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
-        ingest_raster(run.source, run.card.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+        mask = ingest_raster(run.source, run.card.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+    np.save(run.background_mask, mask)
 
 
-def segment(run: ImageRun) -> np.ndarray:
-    """Labels into the label store; returns the per-class pixel counts summed over blocks."""
+@dataclass(frozen=True)
+class SegmentSummary:
+    class_counts: np.ndarray
+    """Valid pixels per class, summed over the blocks as their workers counted them."""
+    tiles: int
+    tiles_skipped: int
+    """Tiles with no valid pixel, never sent to the model."""
+
+
+def segment(run: ImageRun) -> SegmentSummary:
+    """Labels (and probabilities if asked) into their Zarr stores, block by block on Ray actors."""
     grid = TileGrid((run.source.height, run.source.width), run.settings.tile, run.settings.overlap)
-    create_label_store(
-        run.label_store,
-        grid.shape,
-        chunk=run.settings.tile,
-        block=run.settings.block,
-        attributes={"classes": [c.name for c in run.card.classes], "model": run.card.name},
-    )
+    attributes = {"classes": [c.name for c in run.card.classes], "model": run.card.name}
+    create_label_store(run.label_store, grid.shape, chunk=run.settings.tile, block=run.settings.block, attributes=attributes)
+    if run.settings.probabilities:
+        create_probability_store(
+            run.probability_store, run.card.num_classes, grid.shape, run.settings.tile, run.settings.block, attributes
+        )
+    with_data = tiles_with_data(grid, np.load(run.background_mask))
     jobs = [
-        BlockJob(str(run.image_store), str(run.label_store), block, grid, run.settings.blending)
+        BlockJob(
+            image_store=str(run.image_store),
+            label_store=str(run.label_store),
+            block=block,
+            tiles=tuple(t for t in grid.tiles_touching(block) if t.start in with_data),
+            tile_size=grid.tile_size,
+            blending=run.settings.blending,
+            tta=run.settings.tta,
+            probability_store=str(run.probability_store) if run.settings.probabilities else None,
+        )
         for block in shard_regions(run.label_store)
     ]
-    with stage_progress(f"segment {run.name} ({len(grid)} tiles)", len(jobs)) as advance:
+    skipped = len(grid) - len(with_data)
+    description = f"segment {run.name} ({len(grid)} tiles, {skipped} without data skipped)"
+    with stage_progress(description, len(jobs)) as advance:
         results = segment_blocks(
             run.card, jobs, device=run.settings.device, batch_size=run.settings.batch,
             workers=run.settings.workers, on_block_done=advance,
         )
-    return np.sum([r.class_counts for r in results], axis=0)
+    return SegmentSummary(np.sum([r.class_counts for r in results], axis=0), len(grid), skipped)
 
 
 def finalize(run: ImageRun) -> None:
@@ -151,6 +188,8 @@ def finalize(run: ImageRun) -> None:
     run.staged_dir.mkdir(parents=True)
     write_labels_cog(labels, run.staged_dir / "labels.tif", run.source.crs_wkt, run.source.transform, run.card.classes)
     render_preview(image, labels, run.card.preview_bands, run.card.classes, run.staged_dir / "preview.png")
+    if run.settings.probabilities:
+        run.probability_store.replace(run.staged_dir / "probabilities.zarr")
     previous = run.work_dir / "previous-output"
     if run.output_dir.exists():
         run.output_dir.replace(previous)
@@ -158,10 +197,10 @@ def finalize(run: ImageRun) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def record_stats(run: ImageRun, counts: np.ndarray, run_date: dt.date) -> pa.Table:
+def record_stats(run: ImageRun, summary: SegmentSummary, run_date: dt.date) -> pa.Table:
     area, unit = pixel_area(run.source.crs_wkt, run.source.transform)
     table = class_area_table(
-        run.name, run.source.uri, counts, run.card.classes, area, unit, run.card.name, run.card.version, run_date
+        run.name, run.source.uri, summary.class_counts, run.card.classes, area, unit, run.card.name, run.card.version, run_date
     )
     write_stats(table, run.out_root / "stats", basename=f"{run.name}-{run.key[:16]}")
     return table
@@ -182,14 +221,14 @@ def discard(run: ImageRun) -> None:
     shutil.rmtree(run.work_dir, ignore_errors=True)
 
 
-def run_image(run: ImageRun, run_date: dt.date) -> pa.Table:
+def run_image(run: ImageRun, run_date: dt.date) -> tuple[SegmentSummary, pa.Table]:
     try:
         ingest(run)
-        counts = segment(run)
+        summary = segment(run)
         finalize(run)
-        table = record_stats(run, counts, run_date)
+        table = record_stats(run, summary, run_date)
         complete(run, run_date)
-        return table
+        return summary, table
     except BaseException:
         discard(run)
         raise

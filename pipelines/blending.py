@@ -49,6 +49,7 @@ class BlockAccumulator:
         self.block = block
         self.weights = weights
         self.sums = np.zeros((num_classes, *block.shape), dtype=np.float32)
+        self.weight_sums = np.zeros(block.shape, dtype=np.float32)
 
     def add(self, tile: Region, probabilities: np.ndarray) -> None:
         """probabilities: (K, *tile.shape) float32 for the tile at its global position."""
@@ -58,7 +59,18 @@ class BlockAccumulator:
         in_tile = overlap.relative_to(tile.start)
         in_block = overlap.relative_to(self.block.start)
         self.sums[(slice(None), *in_block)] += probabilities[(slice(None), *in_tile)] * self.weights[in_tile]
+        self.weight_sums[in_block] += self.weights[in_tile]
 
     def labels(self) -> np.ndarray:
         """Argmax over classes; the total weight is a positive per-pixel factor and cannot change it."""
         return np.argmax(self.sums, axis=0).astype(np.uint8)
+
+    def probabilities(self) -> np.ndarray:
+        """The weighted mean probabilities; 0 where no tile contributed (skipped background)."""
+        covered = self.weight_sums > 0
+        return np.divide(self.sums, self.weight_sums, out=np.zeros_like(self.sums), where=covered)
+
+
+def quantise_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint8 0..255 (the rounding error is at most 1/510)."""
+    return np.rint(np.clip(probabilities, 0.0, 1.0) * 255).astype(np.uint8)

@@ -7,6 +7,7 @@ exactly one writer: the block that it covers.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -15,10 +16,12 @@ import numpy as np
 import zarr
 from dask.callbacks import Callback
 
+from pipelines.background import add_region_to_mask, mask_shape, valid_pixels
 from pipelines.rasters import RasterInfo, read_region
 from pipelines.tiling import Region, block_partition
 
 NODATA_LABEL = 255
+SPATIAL_NAMES = {2: ("y", "x"), 3: ("z", "y", "x")}
 
 
 class _CountFinishedTasks(Callback):
@@ -38,11 +41,12 @@ def ingest_raster(
     shard: int,
     on_shard_done: Callable[[], None] = lambda: None,
     max_threads: int = 4,
-) -> zarr.Array:
+) -> np.ndarray:
     """Copy the selected bands of a raster into a sharded Zarr v3 array (band, y, x).
 
     Dask copies one shard per task, each reading its own window of the source, so memory is
-    bounded by (threads x shard) and every shard has one writer.
+    bounded by (threads x shard) and every shard has one writer. Returns the low-resolution
+    mask of valid pixels (pipelines.background) gathered on the way.
     """
     image = zarr.create_array(
         store=str(store_path),
@@ -62,8 +66,15 @@ def ingest_raster(
         overwrite=True,
     )
 
+    mask = np.zeros(mask_shape((info.height, info.width)), dtype=bool)
+    mask_lock = threading.Lock()
+
     def copy_shard(region: Region) -> None:
-        image[(slice(None), *region.slices())] = read_region(info.uri, bands, region)
+        pixels = read_region(info.uri, bands, region)
+        image[(slice(None), *region.slices())] = pixels
+        valid = valid_pixels(pixels, info.nodata)
+        with mask_lock:  # low-resolution cells can straddle two shards
+            add_region_to_mask(mask, region, valid)
 
     shards = block_partition((info.height, info.width), (shard, shard))
     with _CountFinishedTasks(on_shard_done):
@@ -72,12 +83,13 @@ def ingest_raster(
             scheduler="threads",
             num_workers=max_threads,
         )
-    return image
+    return mask
 
 
 def shard_regions(store_path: Path) -> list[Region]:
+    """The label array's shards: the output blocks."""
     array = zarr.open_array(str(store_path), mode="r")
-    return block_partition(array.shape[-2:], array.shards[-2:])
+    return block_partition(array.shape, array.shards)
 
 
 def create_label_store(store_path: Path, shape: tuple[int, ...], chunk: int, block: int, attributes: dict) -> zarr.Array:
@@ -89,8 +101,25 @@ def create_label_store(store_path: Path, shape: tuple[int, ...], chunk: int, blo
         chunks=(chunk,) * len(shape),
         shards=(block,) * len(shape),
         fill_value=NODATA_LABEL,
-        dimension_names=("y", "x") if len(shape) == 2 else ("z", "y", "x"),
+        dimension_names=SPATIAL_NAMES[len(shape)],
         attributes=attributes,
+        overwrite=True,
+    )
+
+
+def create_probability_store(
+    store_path: Path, num_classes: int, shape: tuple[int, ...], chunk: int, block: int, attributes: dict
+) -> zarr.Array:
+    """uint8-quantised class probabilities (class, *spatial), sharded like the labels."""
+    return zarr.create_array(
+        store=str(store_path),
+        shape=(num_classes, *shape),
+        dtype="uint8",
+        chunks=(num_classes, *(chunk,) * len(shape)),
+        shards=(num_classes, *(block,) * len(shape)),
+        fill_value=0,
+        dimension_names=("class", *SPATIAL_NAMES[len(shape)]),
+        attributes={**attributes, "scale": 1 / 255},
         overwrite=True,
     )
 

@@ -1,21 +1,24 @@
 """Segment one output block: every tile of the global grid that touches it, blended, argmaxed.
 
 The worker reads the block plus the context its tiles need from the image Zarr once, runs the
-tiles in fixed-size batches, accumulates Gaussian-weighted probabilities for the block's
-pixels only, and writes the block's labels into the (pre-created) label Zarr: one block, one
-shard, one writer.
+tiles in fixed-size batches (optionally with flip test-time augmentation), accumulates
+Gaussian-weighted probabilities for the block's pixels only, and writes the block's labels
+(and optionally uint8 probabilities) into the pre-created Zarr arrays: one block, one shard,
+one writer. Works the same over (H, W) and (D, H, W).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
-from pipelines.blending import BlockAccumulator, tile_weights
+from pipelines.background import valid_pixels
+from pipelines.blending import BlockAccumulator, quantise_probabilities, tile_weights
 from pipelines.model_card import ModelCard
-from pipelines.tiling import Region, TileGrid
+from pipelines.tiling import Region
 from pipelines.zarr_stores import NODATA_LABEL, read_padded
 from segworkers.tile_models import load_tile_model
 
@@ -25,8 +28,12 @@ class BlockJob:
     image_store: str
     label_store: str
     block: Region
-    grid: TileGrid
+    tiles: tuple[Region, ...]
+    """The grid's tiles that touch the block and hold data, in global grid order."""
+    tile_size: int
     blending: str = "gaussian"
+    tta: bool = False
+    probability_store: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,18 @@ class BlockResult:
     class_counts: np.ndarray
     """Pixels per class among the block's valid pixels, counted from the labels written."""
     tiles_run: int
+
+
+def flip_axes_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes (of an (N, C, *spatial) batch): 4 flips in 2D, 8 in 3D."""
+    axes = range(2, 2 + spatial_dims)
+    return [combo for r in range(spatial_dims + 1) for combo in itertools.combinations(axes, r)]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 class BlockPredictor:
@@ -49,50 +68,55 @@ class BlockPredictor:
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
         return (pixels.astype(np.float32) * np.float32(self.card.scale) - self.offset) / self.divisor
 
-    def predict_tiles(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, K, *tile) of a batch of tiles read with their halo."""
-        logits = self.model(batch)
-        tile = tuple(size - 2 * self.model.halo for size in batch.shape[2:])
+    def predict_tiles(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Class probabilities (N, K, *tile) of a batch of tiles read with their halo.
+
+        With TTA every flip of the batch goes through the model in one call; the flipped
+        probabilities are flipped back and averaged.
+        """
+        flips = flip_axes_sets(batch.ndim - 2) if tta else [()]
+        inputs = np.concatenate([np.flip(batch, axes) if axes else batch for axes in flips])
+        probabilities = softmax(self.crop_to_tile(self.model(np.ascontiguousarray(inputs)), batch.shape[2:]))
+        n = len(batch)
+        views = [np.flip(probabilities[i * n : (i + 1) * n], axes) if axes else probabilities[i * n : (i + 1) * n]
+                 for i, axes in enumerate(flips)]
+        return np.mean(views, axis=0, dtype=np.float32) if tta else views[0]
+
+    def crop_to_tile(self, logits: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+        tile = [size - 2 * self.model.halo for size in input_shape]
         crop = tuple(slice((have - want) // 2, (have - want) // 2 + want) for have, want in zip(logits.shape[2:], tile))
-        logits = logits[(slice(None), slice(None), *crop)]
-        logits = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+        return logits[(slice(None), slice(None), *crop)]
 
     def segment(self, job: BlockJob) -> BlockResult:
         image = zarr.open_array(job.image_store, mode="r")
-        tiles = job.grid.tiles_touching(job.block)
         halo = self.model.halo
+        dims = len(job.block.start)
+        tiles = job.tiles
         context = Region(
-            tuple(min(t.start[i] for t in tiles) - halo for i in range(len(job.block.start))),
-            tuple(max(t.stop[i] for t in tiles) + halo for i in range(len(job.block.start))),
+            tuple(min([t.start[i] - halo for t in tiles] + [job.block.start[i]]) for i in range(dims)),
+            tuple(max([t.stop[i] + halo for t in tiles] + [job.block.stop[i]]) for i in range(dims)),
         )
         pixels = read_padded(image, context)
-        inputs = self.normalise(pixels)
-        weights = tile_weights(job.blending, (job.grid.tile_size,) * len(job.block.start))
+        weights = tile_weights(job.blending, (job.tile_size,) * dims)
         accumulator = BlockAccumulator(job.block, self.card.num_classes, weights)
-        for first in range(0, len(tiles), self.batch_size):
-            batch_tiles = tiles[first : first + self.batch_size]
-            batch = np.stack([inputs[(slice(None), *t.grown(halo).relative_to(context.start))] for t in batch_tiles])
-            # A constant batch shape keeps each tile's arithmetic identical whatever block it falls in.
-            if len(batch_tiles) < self.batch_size:
-                batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch_tiles), axis=0)])
-            for tile, probabilities in zip(batch_tiles, self.predict_tiles(batch)):
-                accumulator.add(tile, probabilities)
+        if tiles:
+            inputs = self.normalise(pixels)
+            for first in range(0, len(tiles), self.batch_size):
+                batch_tiles = tiles[first : first + self.batch_size]
+                batch = np.stack([inputs[(slice(None), *t.grown(halo).relative_to(context.start))] for t in batch_tiles])
+                # A constant batch shape keeps each tile's arithmetic identical whatever block it falls in.
+                if len(batch_tiles) < self.batch_size:
+                    batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch_tiles), axis=0)])
+                for tile, probabilities in zip(batch_tiles, self.predict_tiles(batch, job.tta)):
+                    accumulator.add(tile, probabilities)
 
         labels = accumulator.labels()
-        valid = valid_mask(pixels[(slice(None), *job.block.relative_to(context.start))], image.attrs.get("nodata"))
+        valid = valid_pixels(pixels[(slice(None), *job.block.relative_to(context.start))], image.attrs.get("nodata"))
         labels[~valid] = NODATA_LABEL
-        label_array = zarr.open_array(job.label_store, mode="r+")
-        label_array[job.block.slices()] = labels
+        zarr.open_array(job.label_store, mode="r+")[job.block.slices()] = labels
+        if job.probability_store:
+            probabilities = quantise_probabilities(accumulator.probabilities())
+            probabilities[:, ~valid] = 0
+            zarr.open_array(job.probability_store, mode="r+")[(slice(None), *job.block.slices())] = probabilities
         counts = np.bincount(labels[valid].ravel(), minlength=self.card.num_classes)[: self.card.num_classes]
         return BlockResult(job.block, counts.astype(np.int64), len(tiles))
-
-
-def valid_mask(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
-    """A pixel is valid unless every band holds the source's nodata value."""
-    if nodata is None:
-        return np.ones(pixels.shape[1:], dtype=bool)
-    if np.isnan(nodata):
-        return ~np.all(np.isnan(pixels), axis=0)
-    return ~np.all(pixels == nodata, axis=0)
