@@ -147,33 +147,54 @@ class SegmentSummary:
 
 def segment(run: ImageRun) -> SegmentSummary:
     """Labels (and probabilities if asked) into their Zarr stores, block by block on Ray actors."""
-    grid = TileGrid((run.source.height, run.source.width), run.settings.tile, run.settings.overlap)
-    attributes = {"classes": [c.name for c in run.card.classes], "model": run.card.name}
-    create_label_store(run.label_store, grid.shape, chunk=run.settings.tile, block=run.settings.block, attributes=attributes)
-    if run.settings.probabilities:
-        create_probability_store(
-            run.probability_store, run.card.num_classes, grid.shape, run.settings.tile, run.settings.block, attributes
-        )
-    with_data = tiles_with_data(grid, np.load(run.background_mask))
+    return segment_store(
+        run.card,
+        run.settings,
+        image_store=run.image_store,
+        label_store=run.label_store,
+        background_mask=np.load(run.background_mask),
+        probability_store=run.probability_store if run.settings.probabilities else None,
+        name=run.name,
+    )
+
+
+def segment_store(
+    card: ModelCard,
+    settings: SegmentSettings,
+    image_store: Path,
+    label_store: Path,
+    background_mask: np.ndarray | None = None,
+    probability_store: Path | None = None,
+    name: str = "image",
+) -> SegmentSummary:
+    """Segment an ingested (band, *spatial) Zarr image, 2D or 3D, into a new label store."""
+    import zarr
+
+    shape = zarr.open_array(str(image_store), mode="r").shape[1:]
+    grid = TileGrid(shape, settings.tile, settings.overlap)
+    attributes = {"classes": [c.name for c in card.classes], "model": card.name}
+    create_label_store(label_store, shape, chunk=settings.tile, block=settings.block, attributes=attributes)
+    if probability_store:
+        create_probability_store(probability_store, card.num_classes, shape, settings.tile, settings.block, attributes)
+    with_data = tiles_with_data(grid, background_mask) if background_mask is not None else None
     jobs = [
         BlockJob(
-            image_store=str(run.image_store),
-            label_store=str(run.label_store),
+            image_store=str(image_store),
+            label_store=str(label_store),
             block=block,
-            tiles=tuple(t for t in grid.tiles_touching(block) if t.start in with_data),
+            tiles=tuple(t for t in grid.tiles_touching(block) if with_data is None or t.start in with_data),
             tile_size=grid.tile_size,
-            blending=run.settings.blending,
-            tta=run.settings.tta,
-            probability_store=str(run.probability_store) if run.settings.probabilities else None,
+            blending=settings.blending,
+            tta=settings.tta,
+            probability_store=str(probability_store) if probability_store else None,
         )
-        for block in shard_regions(run.label_store)
+        for block in shard_regions(label_store)
     ]
-    skipped = len(grid) - len(with_data)
-    description = f"segment {run.name} ({len(grid)} tiles, {skipped} without data skipped)"
-    with stage_progress(description, len(jobs)) as advance:
+    skipped = 0 if with_data is None else len(grid) - len(with_data)
+    with stage_progress(f"segment {name} ({len(grid)} tiles, {skipped} without data skipped)", len(jobs)) as advance:
         results = segment_blocks(
-            run.card, jobs, device=run.settings.device, batch_size=run.settings.batch,
-            workers=run.settings.workers, on_block_done=advance,
+            card, jobs, device=settings.device, batch_size=settings.batch, workers=settings.workers,
+            on_block_done=advance,
         )
     return SegmentSummary(np.sum([r.class_counts for r in results], axis=0), len(grid), skipped)
 

@@ -43,7 +43,9 @@ def actor_plan(device: str, workers: int | None, threads: int) -> tuple[int, dic
             raise RuntimeError("--device cuda, but the Ray cluster has no GPU")
         return workers or gpus, {"num_gpus": 1, "num_cpus": 1}
     cpus = int(resources.get("CPU", 1))
-    return workers or max(1, cpus // threads), {"num_gpus": 0, "num_cpus": min(threads, cpus)}
+    if workers:  # asked for: share the CPUs between them, fractionally if need be
+        return workers, {"num_gpus": 0, "num_cpus": cpus / workers}
+    return max(1, cpus // threads), {"num_gpus": 0, "num_cpus": min(threads, cpus)}
 
 
 def segment_blocks(
@@ -58,6 +60,8 @@ def segment_blocks(
     """Run every block job on a pool of actors and return the results in job order."""
     ensure_ray()
     count, resources = actor_plan(device, workers, threads)
+    if device == "cpu":
+        threads = max(1, int(resources["num_cpus"]))
     actors = [
         SegmentationActor.options(**resources).remote(card, device, batch_size, threads)
         for _ in range(min(count, len(jobs)))

@@ -84,6 +84,12 @@ class BlockPredictor:
 
     def crop_to_tile(self, logits: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
         tile = [size - 2 * self.model.halo for size in input_shape]
+        shortfall = max(want - have for have, want in zip(logits.shape[2:], tile))
+        if shortfall > 0:
+            raise ValueError(
+                f"model {self.card.name} returns {tuple(logits.shape[2:])} for {tuple(input_shape)} inputs, smaller than "
+                f"the {tuple(tile)} tile: its card needs a halo of at least {self.model.halo + -(-shortfall // 2)}"
+            )
         crop = tuple(slice((have - want) // 2, (have - want) // 2 + want) for have, want in zip(logits.shape[2:], tile))
         return logits[(slice(None), slice(None), *crop)]
 
