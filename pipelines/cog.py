@@ -17,6 +17,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 
 from pipelines.model_card import ClassInfo
+from pipelines.rasters import GDAL_OPTIONS
 from pipelines.tiling import block_partition
 from pipelines.zarr_stores import NODATA_LABEL
 
@@ -47,17 +48,18 @@ def write_labels_cog(
     colormap = {c.id: (*c.color, 255) for c in classes}
     colormap[NODATA_LABEL] = (0, 0, 0, 0)
     try:
-        with rasterio.open(scratch, "w", **profile) as dst:
-            for region in block_partition((height, width), labels.shards):
-                (row0, col0), (row1, col1) = region.start, region.stop
-                dst.write(labels[region.slices()], 1, window=((row0, row1), (col0, col1)))
-            dst.write_colormap(1, colormap)
-            factors = [f for f in (2, 4, 8, 16, 32, 64) if min(height, width) // f >= 256]
-            if factors:
-                dst.build_overviews(factors, Resampling.nearest)
-        rasterio.shutil.copy(
-            scratch, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
-            OVERVIEWS="FORCE_USE_EXISTING", RESAMPLING="NEAREST",
-        )
+        with rasterio.Env(**GDAL_OPTIONS):
+            with rasterio.open(scratch, "w", **profile) as dst:
+                for region in block_partition((height, width), labels.shards):
+                    (row0, col0), (row1, col1) = region.start, region.stop
+                    dst.write(labels[region.slices()], 1, window=((row0, row1), (col0, col1)))
+                dst.write_colormap(1, colormap)
+                factors = [f for f in (2, 4, 8, 16, 32, 64) if min(height, width) // f >= 256]
+                if factors:
+                    dst.build_overviews(factors, Resampling.nearest)
+            rasterio.shutil.copy(
+                scratch, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
+                OVERVIEWS="FORCE_USE_EXISTING", RESAMPLING="NEAREST",
+            )
     finally:
         scratch.unlink(missing_ok=True)

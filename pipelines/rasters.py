@@ -17,6 +17,10 @@ from rasterio.windows import Window
 from pipelines.errors import InputError
 from pipelines.tiling import Region
 
+# GDAL's block cache defaults to 5% of RAM per process; a fixed bound keeps a worker's memory
+# independent of the machine and of the image.
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 256}
+
 
 @dataclass(frozen=True)
 class RasterInfo:
@@ -67,7 +71,7 @@ def read_region(uri: str, bands: tuple[int, ...], region: Region) -> np.ndarray:
     """Read bands x region (2D) from the source; raises InputError on a corrupt or truncated file."""
     (row0, col0), (row1, col1) = region.start, region.stop
     try:
-        with rasterio.open(uri) as src:
+        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(uri) as src:
             return src.read(list(bands), window=Window(col0, row0, col1 - col0, row1 - row0))
     except RasterioError as exc:
         raise InputError(uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc

@@ -1,0 +1,61 @@
+"""Large test scenes made by tiling a real image, written window by window (bounded memory),
+and a small random network saved as TorchScript with its model card."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+import yaml
+from torch import nn
+
+from flows.demo_scene import write_sentinel2_scene
+
+
+def real_rgb_tile() -> tuple[np.ndarray, dict]:
+    """The real Sentinel-2 demo scene as 8-bit RGB (bands red, green, blue; 2-98 % stretch)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with rasterio.open(write_sentinel2_scene(Path(tmp) / "s2.tif")) as src:
+            pixels, profile = src.read([3, 2, 1]).astype(np.float32), src.profile
+    low, high = np.percentile(pixels, [2, 98], axis=(1, 2), keepdims=True)
+    return np.clip((pixels - low) / (high - low) * 254 + 1, 1, 255).astype(np.uint8), profile
+
+
+def write_tiled_scene(path: Path, side: int, window: int = 2048) -> Path:
+    """A side x side RGB GeoTIFF whose pixels repeat the real scene, mirrored at each repeat."""
+    tile, profile = real_rgb_tile()
+    mirrored = np.concatenate([tile, tile[:, ::-1]], axis=1)
+    mirrored = np.concatenate([mirrored, mirrored[:, :, ::-1]], axis=2)
+    period_y, period_x = mirrored.shape[1:]
+    profile.update(
+        count=3, dtype="uint8", height=side, width=side, nodata=0, tiled=True,
+        blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, side, window):
+            for col in range(0, side, window):
+                rows = np.arange(row, min(row + window, side)) % period_y
+                cols = np.arange(col, min(col + window, side)) % period_x
+                dst.write(mirrored[:, rows][:, :, cols], window=((row, row + len(rows)), (col, col + len(cols))))
+    return path
+
+
+def write_small_net_card(folder: Path, tile: int = 256, overlap: float = 0.25) -> Path:
+    """A 3-layer random conv net (3 bands -> 4 classes) as TorchScript, and its card."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1)
+    ).eval()
+    torch.jit.trace(net, torch.zeros(1, 3, tile, tile)).save(str(folder / "small-net.ts"))
+    card = {
+        "name": "small-net", "format": "torchscript", "weights": "small-net.ts",
+        "tile": {"size": tile, "overlap": overlap},
+        "input": {"bands": [1, 2, 3], "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(4)],
+    }
+    path = folder / "small-net.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path
