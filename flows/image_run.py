@@ -182,7 +182,10 @@ def segment_store(
             image_store=str(image_store),
             label_store=str(label_store),
             block=block,
-            tiles=tuple(t for t in grid.tiles_touching(block) if with_data is None or t.start in with_data),
+            tiles=tuple(
+                t for t in grid.tiles_touching(block.grown(card.block_margin))
+                if with_data is None or t.start in with_data
+            ),
             tile_size=grid.tile_size,
             blending=settings.blending,
             tta=settings.tta,

@@ -53,6 +53,8 @@ class ModelCard:
     architecture_options: dict = field(default_factory=dict)
     preview_bands: tuple[int, ...] = ()
     """Positions (0-based, into `bands`) of the red, green, blue inputs used for the preview."""
+    postprocess: dict = field(default_factory=dict)
+    """`{name: crf, halo: 32, intensity_scale: 1.0, <dense_crf parameters>}` or empty."""
     source: str = ""
 
     @property
@@ -62,6 +64,11 @@ class ModelCard:
     @property
     def in_channels(self) -> int:
         return len(self.bands)
+
+    @property
+    def block_margin(self) -> int:
+        """Pixels around each block whose probabilities post-processing needs (the CRF's halo)."""
+        return int(self.postprocess.get("halo", 32)) if self.postprocess else 0
 
     def digest(self) -> str:
         """A hash of everything that changes the model's output: card fields and weights bytes."""
@@ -141,8 +148,11 @@ def parse_card(raw: dict, path: Path) -> ModelCard:
         architecture=raw.get("architecture"),
         architecture_options=dict(raw.get("architecture_options", {})),
         preview_bands=tuple(int(b) for b in inputs.get("preview_bands", range(min(3, len(bands))))),
+        postprocess=dict(raw.get("postprocess") or {}),
         source=str(path),
     )
+    if card.postprocess and card.postprocess.get("name") != "crf":
+        raise InputError(path, f"unknown postprocess {card.postprocess.get('name')!r} (expected 'crf')")
     if card.format in ("registry", "torchvision") and not card.architecture:
         raise InputError(path, f"a '{card.format}' model card must name its 'architecture'")
     return card

@@ -20,7 +20,10 @@ from pipelines.blending import BlockAccumulator, quantise_probabilities, tile_we
 from pipelines.model_card import ModelCard
 from pipelines.tiling import Region
 from pipelines.zarr_stores import NODATA_LABEL, read_padded
+from segworkers.crf import dense_crf
 from segworkers.tile_models import load_tile_model
+
+CRF_PARAMETERS = ("iterations", "w_appearance", "theta_alpha", "theta_beta", "w_smoothness", "theta_gamma")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class BlockJob:
     label_store: str
     block: Region
     tiles: tuple[Region, ...]
-    """The grid's tiles that touch the block and hold data, in global grid order."""
+    """The grid's tiles that touch the block (grown by the card's block_margin) and hold data, in global grid order."""
     tile_size: int
     blending: str = "gaussian"
     tta: bool = False
@@ -98,13 +101,15 @@ class BlockPredictor:
         halo = self.model.halo
         dims = len(job.block.start)
         tiles = job.tiles
+        # Post-processing sees the block's probabilities with a margin (clipped to the image).
+        accumulated = job.block.grown(self.card.block_margin).intersection(Region((0,) * dims, image.shape[1:]))
         context = Region(
-            tuple(min([t.start[i] - halo for t in tiles] + [job.block.start[i]]) for i in range(dims)),
-            tuple(max([t.stop[i] + halo for t in tiles] + [job.block.stop[i]]) for i in range(dims)),
+            tuple(min([t.start[i] - halo for t in tiles] + [accumulated.start[i]]) for i in range(dims)),
+            tuple(max([t.stop[i] + halo for t in tiles] + [accumulated.stop[i]]) for i in range(dims)),
         )
         pixels = read_padded(image, context)
         weights = tile_weights(job.blending, (job.tile_size,) * dims)
-        accumulator = BlockAccumulator(job.block, self.card.num_classes, weights)
+        accumulator = BlockAccumulator(accumulated, self.card.num_classes, weights)
         if tiles:
             inputs = self.normalise(pixels)
             for first in range(0, len(tiles), self.batch_size):
@@ -116,13 +121,28 @@ class BlockPredictor:
                 for tile, probabilities in zip(batch_tiles, self.predict_tiles(batch, job.tta)):
                     accumulator.add(tile, probabilities)
 
-        labels = accumulator.labels()
+        in_block = job.block.relative_to(accumulated.start)
+        if self.card.postprocess:
+            probabilities = self.crf(accumulator.probabilities(), pixels[(slice(None), *accumulated.relative_to(context.start))])
+            labels = probabilities.argmax(axis=0).astype(np.uint8)[in_block]
+        else:
+            labels = accumulator.labels()[in_block]
         valid = valid_pixels(pixels[(slice(None), *job.block.relative_to(context.start))], image.attrs.get("nodata"))
         labels[~valid] = NODATA_LABEL
         zarr.open_array(job.label_store, mode="r+")[job.block.slices()] = labels
         if job.probability_store:
-            probabilities = quantise_probabilities(accumulator.probabilities())
+            if not self.card.postprocess:
+                probabilities = accumulator.probabilities()
+            probabilities = quantise_probabilities(probabilities[(slice(None), *in_block)])
             probabilities[:, ~valid] = 0
             zarr.open_array(job.probability_store, mode="r+")[(slice(None), *job.block.slices())] = probabilities
         counts = np.bincount(labels[valid].ravel(), minlength=self.card.num_classes)[: self.card.num_classes]
         return BlockResult(job.block, counts.astype(np.int64), len(tiles))
+
+    def crf(self, probabilities: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        """Dense CRF marginals over the probabilities; the appearance kernel sees the card's
+        preview bands, raw values x intensity_scale (theta_beta is in those units)."""
+        options = self.card.postprocess
+        image = pixels[list(self.card.preview_bands)].astype(np.float32) * float(options.get("intensity_scale", 1.0))
+        parameters = {name: options[name] for name in CRF_PARAMETERS if name in options}
+        return dense_crf(probabilities, np.moveaxis(image, 0, -1), **parameters)
