@@ -44,4 +44,5 @@ def create(name: str, num_classes: int, in_channels: int, **options) -> nn.Modul
     return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 
-from segworkers.models import unet  # noqa: E402,F401  (registers its builders)
+# Importing each family registers its builders.
+from segworkers.models import deeplab, deeplab_v1, fcn, segformer, unet  # noqa: E402,F401
