@@ -185,7 +185,8 @@ class MixTransformer(nn.Module):
         super().__init__()
         if not len(embed_dims) == len(depths) == len(num_heads) == len(mlp_ratios) == len(reduction_ratios):
             raise ValueError("embed_dims, depths, num_heads, mlp_ratios and reduction_ratios need one entry per stage")
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        drop_paths = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # linear 0 -> rate
         self.stages = nn.ModuleList()
         previous = in_channels
         for i, (dim, depth, heads, ratio, reduction) in enumerate(
