@@ -45,4 +45,4 @@ def create(name: str, num_classes: int, in_channels: int, **options) -> nn.Modul
 
 
 # Importing each family registers its builders.
-from segworkers.models import deeplab, deeplab_v1, fcn, segformer, unet  # noqa: E402,F401
+from segworkers.models import deeplab, deeplab_v1, fcn, nnunet3d, segformer, unet, unetpp  # noqa: E402,F401
