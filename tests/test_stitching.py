@@ -54,7 +54,7 @@ def reference_labels(card_path, pixels: np.ndarray, batch: int = 4, tta: bool = 
     shape = pixels.shape[1:]
     scale = (-1,) + (1,) * dims
     x = (pixels.astype(np.float32) * np.float32(card.scale) - np.asarray(card.mean, np.float32).reshape(scale)) / np.asarray(card.std, np.float32).reshape(scale)
-    tile, halo = card.tile_size, card.halo
+    tile, halo = card.tile_size, model.halo
     grid = TileGrid(shape, tile, card.overlap)
     pads = [(0, 0)] + [(halo, max(0, tile - s) + halo) for s in shape]
     x = np.pad(x, pads, mode="reflect")
@@ -247,3 +247,37 @@ def test_crf_postprocessing_from_the_card(ray_cluster, tmp_path):
         return int((labels[1:] != labels[:-1]).sum() + (labels[:, 1:] != labels[:, :-1]).sum())
 
     assert boundary_pixels(smoothed) < 0.8 * boundary_pixels(plain)
+
+
+def test_the_original_unet_gets_its_halo_from_the_registry(ray_cluster, large_scene, tmp_path):
+    """The original U-Net's output is 184 px smaller than its input: with a tile of 36 px (input
+    220) the tiler reads each tile with the model's declared halo of 92 and stitches exactly."""
+    from segworkers import models
+
+    torch.manual_seed(0)
+    net = models.create("unet", num_classes=3, in_channels=4, base_features=4)
+    assert net.halo == 92 and net.output_size(36 + 2 * 92) == 36
+    for layer in net.modules():  # He initialisation keeps a deep random net's output varied
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    torch.save(net.state_dict(), tmp_path / "unet.pt")
+    card = {
+        "name": "unet-original", "format": "registry", "architecture": "unet",
+        "architecture_options": {"base_features": 4}, "weights": "unet.pt",
+        "tile": {"size": 36, "overlap": 0.25},
+        "input": {"bands": [1, 2, 3, 4], "scale": 1e-3, "mean": [1.5] * 4, "std": [0.5] * 4},
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(3)],
+    }
+    card_path = tmp_path / "unet.yaml"
+    card_path.write_text(yaml.safe_dump(card))
+    with rasterio.open(large_scene) as src:
+        pixels, profile = src.read(window=((0, 150), (0, 130))), src.profile
+    scene = tmp_path / "crop.tif"
+    profile.update(height=150, width=130)
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(pixels)
+    labels = segment_labels(scene, card_path, tmp_path / "out", "--block", "72")
+    reference = reference_labels(card_path, pixels)
+    np.testing.assert_array_equal(labels, reference)
+    assert len(np.unique(labels)) > 1
