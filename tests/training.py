@@ -17,6 +17,16 @@ import torch.nn.functional as F
 VOLUMES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "volumes"
 
 
+def shared_volume(name: str) -> Path:
+    """A file of ../shared/data/volumes; the test skips, saying why, when the folder is absent."""
+    import pytest
+
+    path = VOLUMES / name
+    if not path.exists():
+        pytest.skip(f"real test volume {path} is absent (../shared/data is not beside this checkout)")
+    return path
+
+
 def nuclei_halves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train image, train mask, test image, test mask): image (1, 1, 512, 256) float, mask (512, 256) long."""
     import tifffile
