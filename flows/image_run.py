@@ -23,7 +23,8 @@ from pipelines.model_card import ModelCard
 from pipelines.cog import write_labels_cog
 from pipelines.preview import render_preview
 from pipelines.rasters import RasterInfo, check_bands, inspect_raster
-from pipelines.stats import class_area_table, pixel_area, write_stats
+from pipelines.areas import PixelAreas, pixel_areas
+from pipelines.stats import class_area_table, write_stats
 from pipelines.background import tiles_with_data
 from pipelines.tiling import TileGrid, block_partition
 from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_raster, shard_regions
@@ -143,6 +144,8 @@ class SegmentSummary:
     tiles: int
     tiles_skipped: int
     """Tiles with no valid pixel, never sent to the model."""
+    class_areas: np.ndarray | None = None
+    area_unit: str = "px"
 
 
 def segment(run: ImageRun) -> SegmentSummary:
@@ -155,6 +158,7 @@ def segment(run: ImageRun) -> SegmentSummary:
         background_mask=np.load(run.background_mask),
         probability_store=run.probability_store if run.settings.probabilities else None,
         name=run.name,
+        areas=pixel_areas(run.source.crs_wkt, run.source.transform, run.source.height),
     )
 
 
@@ -166,6 +170,7 @@ def segment_store(
     background_mask: np.ndarray | None = None,
     probability_store: Path | None = None,
     name: str = "image",
+    areas: PixelAreas | None = None,
 ) -> SegmentSummary:
     """Segment an ingested (band, *spatial) Zarr image, 2D or 3D, into a new label store."""
     import zarr
@@ -190,6 +195,7 @@ def segment_store(
             blending=settings.blending,
             tta=settings.tta,
             probability_store=str(probability_store) if probability_store else None,
+            row_areas=areas.row_areas[block.start[0] : block.stop[0]] if areas else None,
         )
         for block in shard_regions(label_store)
     ]
@@ -199,7 +205,10 @@ def segment_store(
             card, jobs, device=settings.device, batch_size=settings.batch, workers=settings.workers,
             on_block_done=advance,
         )
-    return SegmentSummary(np.sum([r.class_counts for r in results], axis=0), len(grid), skipped)
+    counts = np.sum([r.class_counts for r in results], axis=0)
+    if areas is None:
+        return SegmentSummary(counts, len(grid), skipped)
+    return SegmentSummary(counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit)
 
 
 def finalize(run: ImageRun) -> None:
@@ -222,9 +231,9 @@ def finalize(run: ImageRun) -> None:
 
 
 def record_stats(run: ImageRun, summary: SegmentSummary, run_date: dt.date) -> pa.Table:
-    area, unit = pixel_area(run.source.crs_wkt, run.source.transform)
     table = class_area_table(
-        run.name, run.source.uri, summary.class_counts, run.card.classes, area, unit, run.card.name, run.card.version, run_date
+        run.name, run.source.uri, summary.class_counts, run.card.classes, summary.class_areas, summary.area_unit,
+        run.card.name, run.card.version, run_date,
     )
     write_stats(table, run.out_root / "stats", basename=f"{run.name}-{run.key[:16]}")
     return table

@@ -8,13 +8,11 @@ rows instead of duplicating them, and other nights are never rewritten.
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-from rasterio.crs import CRS
 
 from pipelines.model_card import ClassInfo
 
@@ -36,24 +34,12 @@ STATS_SCHEMA = pa.schema(
 PARTITIONING = ds.partitioning(pa.schema([("run_date", pa.date32())]), flavor="hive")
 
 
-def pixel_area(crs_wkt: str | None, transform: tuple[float, ...]) -> tuple[float, str]:
-    """Area of one pixel and its unit: m² for a projected CRS, else one pixel with a warning."""
-    a, b, _, d, e, _ = transform
-    if crs_wkt:
-        crs = CRS.from_wkt(crs_wkt)
-        if crs.is_projected:
-            metres = crs.linear_units_factor[1]
-            return abs(a * e - b * d) * metres**2, "m2"
-    warnings.warn("source has no projected CRS: areas are reported in pixels", stacklevel=2)
-    return 1.0, "px"
-
-
 def class_area_table(
     image: str,
     image_uri: str,
     counts: np.ndarray,
     classes: tuple[ClassInfo, ...],
-    area_per_pixel: float,
+    class_areas: np.ndarray,
     area_unit: str,
     model: str,
     model_version: str,
@@ -68,7 +54,7 @@ def class_area_table(
             "class_name": c.name,
             "pixel_count": int(counts[c.id]),
             "valid_pixels": valid,
-            "area": float(counts[c.id]) * area_per_pixel,
+            "area": float(class_areas[c.id]),
             "area_unit": area_unit,
             "model": model,
             "model_version": model_version,

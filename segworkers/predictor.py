@@ -37,6 +37,8 @@ class BlockJob:
     blending: str = "gaussian"
     tta: bool = False
     probability_store: str | None = None
+    row_areas: np.ndarray | None = None
+    """Area of one pixel in each row of the block (2D); None when areas are not wanted."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class BlockResult:
     class_counts: np.ndarray
     """Pixels per class among the block's valid pixels, counted from the labels written."""
     tiles_run: int
+    class_areas: np.ndarray | None = None
+    """Area per class from the same labels and the job's row_areas."""
 
 
 def flip_axes_sets(spatial_dims: int) -> list[tuple[int, ...]]:
@@ -137,7 +141,10 @@ class BlockPredictor:
             probabilities[:, ~valid] = 0
             zarr.open_array(job.probability_store, mode="r+")[(slice(None), *job.block.slices())] = probabilities
         counts = np.bincount(labels[valid].ravel(), minlength=self.card.num_classes)[: self.card.num_classes]
-        return BlockResult(job.block, counts.astype(np.int64), len(tiles))
+        areas = None
+        if job.row_areas is not None:
+            areas = np.array([((labels == k) & valid).sum(axis=1) @ job.row_areas for k in range(self.card.num_classes)])
+        return BlockResult(job.block, counts.astype(np.int64), len(tiles), areas)
 
     def crf(self, probabilities: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """Dense CRF marginals over the probabilities; the appearance kernel sees the card's
