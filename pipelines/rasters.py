@@ -45,6 +45,8 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
         raise InputError(uri, "no such file")
     try:
         with rasterio.open(uri) as src:
+            if src.crs is None:
+                raise InputError(uri, "has no coordinate reference system: a scene must be georeferenced")
             return RasterInfo(
                 uri=uri,
                 height=src.height,

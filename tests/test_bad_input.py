@@ -103,3 +103,16 @@ def test_tile_size_a_fixed_size_model_cannot_take(capsys, sentinel_scene, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [f"segpipe: error: {load_card('s2-cloud').source}: model 's2-cloud' takes only 256-pixel tiles, not 128"]
+
+
+def test_scene_without_a_crs(capsys, sentinel_scene, tmp_path):
+    with rasterio.open(sentinel_scene) as src:
+        profile, pixels = src.profile, src.read()
+    del profile["crs"]
+    scene = tmp_path / "nocrs.tif"
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(pixels)
+    code, err = run_segment(capsys, scene, tmp_path / "out")
+    assert code == 2
+    assert err == [f"segpipe: error: {scene}: has no coordinate reference system: a scene must be georeferenced"]
+    assert not (tmp_path / "out").exists()

@@ -229,7 +229,8 @@ def test_crf_postprocessing_from_the_card(ray_cluster, tmp_path):
     x, _, _, _ = nuclei_halves()
     pixels = (x[0].numpy() * 200 + 20).clip(1, 255).astype(np.uint8)  # (1, 512, 256)
     scene = tmp_path / "nuclei.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=256, height=512, count=1, dtype="uint8") as dst:
+    georeference = {"crs": "EPSG:32719", "transform": rasterio.transform.from_origin(600000, 4700000, 10, 10)}
+    with rasterio.open(scene, "w", driver="GTiff", width=256, height=512, count=1, dtype="uint8", **georeference) as dst:
         dst.write(pixels)
     card_path = torchscript_card(tmp_path, conv_net(2, 1, 2, kernel=1, seed=5), 2, 1, 2, tile=64)
     card = yaml.safe_load(card_path.read_text())
