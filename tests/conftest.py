@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_server import s3_endpoint
+
+# A real S3 server (moto) on loopback for the whole session, with the AWS_* variables pointing at it.
+s3_server = pytest.fixture(scope="session", name="s3_server")(s3_endpoint)
 
 
 @pytest.fixture(scope="session")

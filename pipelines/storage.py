@@ -1,0 +1,229 @@
+"""One way to address storage: local paths and `s3://bucket/key` URIs, through fsspec / s3fs.
+
+Where an S3 endpoint and credentials come from (the names botocore itself reads, so s3fs, boto3
+and GDAL see one configuration):
+
+- `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`: a custom endpoint such as
+  `http://127.0.0.1:9000` (MinIO, moto, Ceph); unset means AWS itself.
+- `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (optionally `AWS_SESSION_TOKEN`), or whatever
+  else the botocore credential chain finds (shared config file, instance role).
+- `AWS_DEFAULT_REGION`, else `AWS_REGION`.
+
+GDAL (and so rasterio) has its own names for the endpoint, documented under "/vsis3/" in
+https://gdal.org/en/stable/user/virtual_file_systems.html; `rasterio_env` translates.
+
+A local path is returned as given (a string), never rewritten to `file://`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import fsspec
+import rasterio
+from fsspec.core import url_to_fs
+from rasterio.session import AWSSession
+
+from pipelines.errors import InputError
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for a URI with a scheme other than file:// (s3://, gs://, ...)."""
+    scheme = urlsplit(str(uri)).scheme
+    # One-letter "schemes" are Windows drive letters (C:\...), not protocols.
+    return len(scheme) > 1 and scheme not in LOCAL_PROTOCOLS
+
+
+def s3_endpoint_url() -> str | None:
+    """The custom S3 endpoint from the environment, or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str | None:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+
+
+def storage_options(uri: str | Path) -> dict:
+    """fsspec storage options for `uri`: for s3, the endpoint and region from the environment.
+
+    Credentials are left to botocore's own chain. Listings are not cached: discovery must see
+    objects written since the last look, and an fsspec filesystem instance outlives a run.
+    """
+    if urlsplit(str(uri)).scheme != "s3":
+        return {}
+    options: dict = {"use_listings_cache": False}
+    if endpoint := s3_endpoint_url():
+        options["endpoint_url"] = endpoint
+    if region := s3_region():
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def filesystem(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path within it (bucket/key for s3)."""
+    return url_to_fs(str(uri), **storage_options(uri))
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def stat(uri: str | Path) -> tuple[int, str]:
+    """(size in bytes, version tag) of one file or object.
+
+    The tag changes when the content is rewritten: the modification time in nanoseconds for
+    a local file, the ETag (without its quotes) for an S3 object. A manifest keys images by
+    URI + size + tag.
+    """
+    uri = str(uri)
+    if not is_remote(uri):
+        local = _local_path(uri)
+        try:
+            status = local.stat()
+        except FileNotFoundError as exc:
+            raise InputError(uri, "no such file") from exc
+        if not local.is_file():
+            raise InputError(uri, "a folder, not a file")
+        return status.st_size, str(status.st_mtime_ns)
+    with _input_errors(uri):
+        fs, path = filesystem(uri)
+        info = fs.info(path)
+    if info.get("type") != "file":
+        raise InputError(uri, "a prefix (folder), not an object")
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime")
+    if tag is None:
+        raise InputError(uri, f"the {fs.protocol} filesystem reports neither ETag nor mtime")
+    return int(info["size"]), str(tag).strip('"')
+
+
+def list_images(uri_prefix: str | Path, suffixes: Iterable[str]) -> list[str]:
+    """Files directly in a folder / under a prefix whose names end in one of `suffixes`
+    (case-insensitive, e.g. (".tif", ".tiff")), sorted. Not recursive.
+
+    Remote entries come back as full URIs (s3://bucket/key); local ones as paths under the
+    folder as it was given.
+    """
+    uri_prefix = str(uri_prefix)
+    endings = tuple(suffix.lower() for suffix in suffixes)
+    if not is_remote(uri_prefix):
+        folder = _local_path(uri_prefix)
+        if not folder.is_dir():
+            raise InputError(uri_prefix, "no such folder")
+        return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(endings))
+    with _input_errors(uri_prefix):
+        fs, path = filesystem(uri_prefix)
+        entries = fs.ls(path.rstrip("/"), detail=True)
+    return sorted(
+        fs.unstrip_protocol(entry["name"])
+        for entry in entries
+        if entry["type"] == "file" and entry["name"].lower().endswith(endings)
+    )
+
+
+def put_file(local_path: str | Path, uri: str | Path) -> None:
+    """Copy one local file to `uri` (a local path or an object key).
+
+    Missing local parent folders are created; a missing bucket is an InputError, never created
+    here (s3fs's makedirs would create it, with whatever default policy the account has).
+    """
+    local_path = Path(local_path)
+    if not local_path.is_file():
+        raise InputError(local_path, "no such file to upload")
+    with _input_errors(str(uri)):
+        fs, path = filesystem(uri)
+        if not is_remote(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fs.put_file(str(local_path), path)
+
+
+def put_tree(local_dir: str | Path, uri: str | Path) -> list[str]:
+    """Copy every file under `local_dir` to the same relative key under `uri`; returns the
+    destination URIs/paths, sorted.
+
+    Used for a finished output folder (labels.tif, preview.png, a Zarr store directory). The
+    layout under `uri` mirrors `local_dir` exactly whether or not `uri` already exists: the
+    sources and destinations are given to fsspec as explicit lists, which also lets s3fs
+    upload them concurrently. Empty folders are not copied (object stores have none; Zarr
+    does not need them).
+    """
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise InputError(local_dir, "no such folder to upload")
+    relative = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    sources = [str(local_dir / name) for name in relative]
+    with _input_errors(str(uri)):
+        fs, root = filesystem(uri)
+        root = root.rstrip("/")
+        targets = [f"{root}/{name}" for name in relative]
+        if not is_remote(uri):
+            for parent in {Path(target).parent for target in targets}:
+                parent.mkdir(parents=True, exist_ok=True)
+        if sources:
+            fs.put(sources, targets)
+    base = str(uri).rstrip("/")
+    return [f"{base}/{name}" for name in relative]
+
+
+def gdal_path(uri: str | Path) -> str:
+    """The GDAL virtual-filesystem path for `uri`: s3://bucket/key -> /vsis3/bucket/key.
+
+    rasterio.open does this itself for s3:// URIs; GDAL tools and VRTs need it spelled out.
+    """
+    uri = str(uri)
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        return f"/vsis3/{parts.netloc}{parts.path}"
+    if is_remote(uri):
+        raise InputError(uri, f"no GDAL virtual filesystem is configured for {parts.scheme}://")
+    return str(_local_path(uri))
+
+
+@contextlib.contextmanager
+def rasterio_env(uri: str | Path) -> Iterator[rasterio.Env]:
+    """A rasterio.Env in which `rasterio.open(uri)` works, for local paths and s3:// URIs.
+
+    For s3 the credentials come from the same botocore chain s3fs uses (via rasterio's
+    AWSSession); a custom endpoint becomes GDAL's AWS_S3_ENDPOINT (host[:port], no scheme),
+    AWS_HTTPS=NO for an http:// endpoint, and path-style addressing (AWS_VIRTUAL_HOSTING=FALSE)
+    because a local or on-premise server has no per-bucket DNS names.
+    """
+    if urlsplit(str(uri)).scheme != "s3":
+        with rasterio.Env() as env:
+            yield env
+        return
+    options: dict = {}
+    endpoint = s3_endpoint_url()
+    host = None
+    if endpoint:
+        parts = urlsplit(endpoint)
+        host = parts.netloc + parts.path.rstrip("/")
+        options["AWS_HTTPS"] = "NO" if parts.scheme == "http" else "YES"
+        options["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    session = AWSSession(region_name=s3_region(), endpoint_url=host)
+    with rasterio.Env(session=session, **options) as env:
+        yield env
+
+
+def _local_path(uri: str) -> Path:
+    """A local path from a plain path or a file:// URI."""
+    parts = urlsplit(uri)
+    return Path(parts.path) if parts.scheme in LOCAL_PROTOCOLS else Path(uri)
+
+
+@contextlib.contextmanager
+def _input_errors(uri: str) -> Iterator[None]:
+    """Missing or forbidden objects and buckets are bad input; anything else (an endpoint that
+    does not answer, a malformed reply) is left to propagate as the failure it is."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise InputError(uri, f"no such object or bucket ({exc})") from exc
+    except PermissionError as exc:
+        raise InputError(uri, f"access denied ({exc})") from exc
