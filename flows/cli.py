@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser("segment", help="segment one image")
-    segment.add_argument("src", help="source image (GeoTIFF / COG)")
+    segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack volume")
     segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     segment.add_argument("--out", required=True, type=Path, help="output folder")
     add_tiling_options(segment)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def segment_command(args: argparse.Namespace) -> int:
-    from flows.image_run import plan_image, resolve_settings, run_image
+    from flows.image_run import LABEL_OUTPUTS, plan_image, resolve_settings, run_image
     from flows.report import print_area_table
     from pipelines.model_card import load_card
 
@@ -80,9 +80,10 @@ def segment_command(args: argparse.Namespace) -> int:
         workers=args.workers, blending=args.blending, tta=args.tta, probabilities=args.probabilities,
     )
     run = plan_image(args.src, card, settings, args.out, card.digest())
-    console.print(f"segmenting {run.source.uri} ({run.source.width} x {run.source.height}) with {card.name} on {settings.device}")
+    shape = " x ".join(str(s) for s in reversed(run.source.shape))
+    console.print(f"segmenting {run.source.kind} {run.source.uri} ({shape}) with {card.name} on {settings.device}")
     summary, stats = run_image(run, dt.date.today())
-    print(f"labels:  {run.output_dir / 'labels.tif'}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
+    print(f"labels:  {run.output_dir / LABEL_OUTPUTS[run.source.kind]}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
     if settings.probabilities:
         print(f"probabilities: {run.output_dir / 'probabilities.zarr'} (uint8, probability x 255)")
     print(f"tiles:   {summary.tiles - summary.tiles_skipped} segmented, {summary.tiles_skipped} skipped (no valid pixels)")

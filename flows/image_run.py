@@ -22,17 +22,22 @@ from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
 from pipelines.cog import write_labels_cog
 from pipelines.preview import render_preview
-from pipelines.rasters import RasterInfo, check_bands, inspect_raster
-from pipelines.areas import PixelAreas, pixel_areas
+from pipelines.background import FACTOR
+from pipelines.ome_zarr import write_ome_zarr_labels
+from pipelines.slides import tissue_mask
+from pipelines.sources import SourceInfo, inspect_source, source_areas
+from pipelines.volumes import write_labels_nifti
+from pipelines.areas import PixelAreas
 from pipelines.stats import class_area_table, write_stats
 from pipelines.background import tiles_with_data
 from pipelines.tiling import TileGrid, block_partition
-from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_raster, shard_regions
+from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_source, shard_regions
 from segworkers.actors import segment_blocks
 from segworkers.predictor import BlockJob
 from segworkers.tile_models import best_device
 
 DEFAULT_BLOCK = 2048
+DEFAULT_BLOCK_3D = 128
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def resolve_settings(
     overlap = card.overlap if overlap is None else overlap
     if not 0 <= overlap < 1:
         raise InputError(card.source, f"overlap must be in [0, 1), got {overlap}")
-    block = block or DEFAULT_BLOCK
+    block = block or (DEFAULT_BLOCK if card.spatial_dims == 2 else DEFAULT_BLOCK_3D)
     block = -(-max(block, tile) // tile) * tile  # a whole number of tile-sized chunks per shard
     return SegmentSettings(
         tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card),
@@ -81,7 +86,7 @@ def resolve_settings(
 
 @dataclass(frozen=True)
 class ImageRun:
-    source: RasterInfo
+    source: SourceInfo
     card: ModelCard
     settings: SegmentSettings
     out_root: Path
@@ -122,8 +127,7 @@ class ImageRun:
 
 def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_root: Path, card_digest: str) -> ImageRun:
     """Check the source against the card before anything is written."""
-    info = inspect_raster(src)
-    check_bands(info, card.bands, card.source)
+    info = inspect_source(src, card)
     key = image_key(info.uri, card_digest, settings.affecting_output())
     return ImageRun(info, card, settings, Path(out_root), key)
 
@@ -131,9 +135,11 @@ def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_
 def ingest(run: ImageRun) -> None:
     shutil.rmtree(run.work_dir, ignore_errors=True)
     run.work_dir.mkdir(parents=True)
-    shards = block_partition((run.source.height, run.source.width), (run.settings.block,) * 2)
+    shards = block_partition(run.source.shape, (run.settings.block,) * len(run.source.shape))
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
-        mask = ingest_raster(run.source, run.card.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+        mask = ingest_source(run.source, run.card.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+    if run.source.kind == "slide":  # glass has no nodata value: tissue detection marks what to segment
+        mask = tissue_mask(run.source.uri, FACTOR, run.source.slide_level, run.source.slide_scale)
     np.save(run.background_mask, mask)
 
 
@@ -158,7 +164,7 @@ def segment(run: ImageRun) -> SegmentSummary:
         background_mask=np.load(run.background_mask),
         probability_store=run.probability_store if run.settings.probabilities else None,
         name=run.name,
-        areas=pixel_areas(run.source.crs_wkt, run.source.transform, run.source.height),
+        areas=source_areas(run.source),
     )
 
 
@@ -211,15 +217,34 @@ def segment_store(
     return SegmentSummary(counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit)
 
 
+LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "labels.ome.zarr", "volume": "labels.nii.gz"}
+
+
 def finalize(run: ImageRun) -> None:
-    """Write labels.tif and preview.png, then move the image's folder into place in one rename."""
+    """Write the labels in the format viewers of this kind of source open (COG for scenes,
+    OME-Zarr for slides, NIfTI for volumes) and preview.png, then move the image's folder into
+    place in one rename."""
     import zarr
 
     labels = zarr.open_array(str(run.label_store), mode="r")
     image = zarr.open_array(str(run.image_store), mode="r")
     shutil.rmtree(run.staged_dir, ignore_errors=True)
     run.staged_dir.mkdir(parents=True)
-    write_labels_cog(labels, run.staged_dir / "labels.tif", run.source.crs_wkt, run.source.transform, run.card.classes)
+    labels_path = run.staged_dir / LABEL_OUTPUTS[run.source.kind]
+    if run.source.kind == "scene":
+        detail = run.source.detail
+        write_labels_cog(labels, labels_path, detail.crs_wkt, detail.transform, run.card.classes)
+    elif run.source.kind == "slide":
+        mpp = run.source.working_mpp
+        write_ome_zarr_labels(
+            labels, labels_path, run.card.name, [(c.id, c.name, c.color) for c in run.card.classes],
+            pixel_size=((mpp, "µm"), (mpp, "µm")) if mpp else None,
+        )
+    else:
+        write_labels_nifti(labels, labels_path, run.source.detail)
+    if run.source.kind == "volume":  # the preview shows the middle slice
+        middle = run.source.shape[0] // 2
+        image, labels = image[:, middle], labels[middle]
     render_preview(image, labels, run.card.preview_bands, run.card.classes, run.staged_dir / "preview.png")
     if run.settings.probabilities:
         run.probability_store.replace(run.staged_dir / "probabilities.zarr")
@@ -244,7 +269,7 @@ def complete(run: ImageRun, run_date: dt.date) -> None:
         run.out_root,
         run.key,
         {"image": run.name, "uri": run.source.uri, "model": run.card.name, "run_date": run_date,
-         "outputs": [str(run.output_dir / "labels.tif"), str(run.output_dir / "preview.png")]},
+         "outputs": [str(run.output_dir / LABEL_OUTPUTS[run.source.kind]), str(run.output_dir / "preview.png")]},
     )
     shutil.rmtree(run.work_dir, ignore_errors=True)
 

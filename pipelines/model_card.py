@@ -53,6 +53,8 @@ class ModelCard:
     architecture_options: dict = field(default_factory=dict)
     preview_bands: tuple[int, ...] = ()
     """Positions (0-based, into `bands`) of the red, green, blue inputs used for the preview."""
+    mpp: float | None = None
+    """Slides: the resolution the model was trained at, µm per pixel (input.mpp)."""
     postprocess: dict = field(default_factory=dict)
     """`{name: crf, halo: 32, intensity_scale: 1.0, <dense_crf parameters>}` or empty."""
     source: str = ""
@@ -148,6 +150,7 @@ def parse_card(raw: dict, path: Path) -> ModelCard:
         architecture=raw.get("architecture"),
         architecture_options=dict(raw.get("architecture_options", {})),
         preview_bands=tuple(int(b) for b in inputs.get("preview_bands", range(min(3, len(bands))))),
+        mpp=float(inputs["mpp"]) if inputs.get("mpp") is not None else None,
         postprocess=dict(raw.get("postprocess") or {}),
         source=str(path),
     )

@@ -61,7 +61,8 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
         raise InputError(uri, f"not a readable raster ({exc})") from exc
 
 
-def check_bands(info: RasterInfo, bands: tuple[int, ...], card_source: str) -> None:
+def check_bands(info, bands: tuple[int, ...], card_source: str) -> None:
+    """info: anything with `uri` and `count` (the number of bands)."""
     if max(bands) > info.count or min(bands) < 1:
         raise InputError(
             info.uri,

@@ -17,7 +17,7 @@ import zarr
 from dask.callbacks import Callback
 
 from pipelines.background import add_region_to_mask, mask_shape, valid_pixels
-from pipelines.rasters import RasterInfo, read_region
+from pipelines.sources import SourceInfo, read_source_region
 from pipelines.tiling import Region, block_partition
 
 NODATA_LABEL = 255
@@ -33,8 +33,8 @@ class _CountFinishedTasks(Callback):
         self.on_task_done()
 
 
-def ingest_raster(
-    info: RasterInfo,
+def ingest_source(
+    info: SourceInfo,
     bands: tuple[int, ...],
     store_path: Path,
     chunk: int,
@@ -42,41 +42,39 @@ def ingest_raster(
     on_shard_done: Callable[[], None] = lambda: None,
     max_threads: int = 4,
 ) -> np.ndarray:
-    """Copy the selected bands of a raster into a sharded Zarr v3 array (band, y, x).
+    """Copy the selected bands of a source into a sharded Zarr v3 array (band, *spatial).
 
-    Dask copies one shard per task, each reading its own window of the source, so memory is
+    Dask copies one shard per task, each reading its own region of the source, so memory is
     bounded by (threads x shard) and every shard has one writer. Returns the low-resolution
     mask of valid pixels (pipelines.background) gathered on the way.
     """
+    dims = len(info.shape)
+    attributes = {"source": info.uri, "kind": info.kind, "bands": list(bands), "nodata": info.nodata}
+    if info.kind == "scene":
+        attributes.update(crs_wkt=info.detail.crs_wkt, transform=list(info.detail.transform))
     image = zarr.create_array(
         store=str(store_path),
-        shape=(len(bands), info.height, info.width),
+        shape=(len(bands), *info.shape),
         dtype=info.dtype,
-        chunks=(len(bands), chunk, chunk),
-        shards=(len(bands), shard, shard),
+        chunks=(len(bands), *(chunk,) * dims),
+        shards=(len(bands), *(shard,) * dims),
         fill_value=0,
-        dimension_names=("band", "y", "x"),
-        attributes={
-            "source": info.uri,
-            "bands": list(bands),
-            "crs_wkt": info.crs_wkt,
-            "transform": list(info.transform),
-            "nodata": info.nodata,
-        },
+        dimension_names=("band", *SPATIAL_NAMES[dims]),
+        attributes=attributes,
         overwrite=True,
     )
 
-    mask = np.zeros(mask_shape((info.height, info.width)), dtype=bool)
+    mask = np.zeros(mask_shape(info.shape), dtype=bool)
     mask_lock = threading.Lock()
 
     def copy_shard(region: Region) -> None:
-        pixels = read_region(info.uri, bands, region)
+        pixels = read_source_region(info, bands, region)
         image[(slice(None), *region.slices())] = pixels
         valid = valid_pixels(pixels, info.nodata)
         with mask_lock:  # low-resolution cells can straddle two shards
             add_region_to_mask(mask, region, valid)
 
-    shards = block_partition((info.height, info.width), (shard, shard))
+    shards = block_partition(info.shape, (shard,) * dims)
     with _CountFinishedTasks(on_shard_done):
         dask.compute(
             *[dask.delayed(copy_shard)(region) for region in shards],

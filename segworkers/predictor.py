@@ -38,7 +38,8 @@ class BlockJob:
     tta: bool = False
     probability_store: str | None = None
     row_areas: np.ndarray | None = None
-    """Area of one pixel in each row of the block (2D); None when areas are not wanted."""
+    """Area of one pixel (voxel) in each row (slice, in 3D) of the block along its first axis;
+    None when areas are not wanted."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ class BlockPredictor:
         counts = np.bincount(labels[valid].ravel(), minlength=self.card.num_classes)[: self.card.num_classes]
         areas = None
         if job.row_areas is not None:
-            areas = np.array([((labels == k) & valid).sum(axis=1) @ job.row_areas for k in range(self.card.num_classes)])
+            per_row = [((labels == k) & valid).reshape(len(labels), -1).sum(axis=1) for k in range(self.card.num_classes)]
+            areas = np.array([counts_in_rows @ job.row_areas for counts_in_rows in per_row])
         return BlockResult(job.block, counts.astype(np.int64), len(tiles), areas)
 
     def crf(self, probabilities: np.ndarray, pixels: np.ndarray) -> np.ndarray:

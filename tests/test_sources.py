@@ -1,0 +1,69 @@
+"""Every kind of source through `segpipe segment`: a real CT volume to NIfTI with its affine and
+mm³, a real whole-slide image to OME-Zarr labels with µm², tissue detection skipping glass."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from flows.cli import main
+from pipelines.slides import choose_level, inspect_slide, working_shape
+from pipelines.stats import read_stats
+from pipelines.tiling import Region
+from pipelines.volumes import inspect_volume, read_volume_region
+from test_stitching import conv_net, reference_labels, torchscript_card
+from training import shared_volume
+
+SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def test_a_volume_comes_back_as_nifti_with_the_source_affine(ray_cluster, tmp_path, capsys):
+    ct = shared_volume("example_ct_sm.nii.gz")
+    card = torchscript_card(tmp_path, conv_net(3, 1, 4), 3, 1, 4, tile=16, overlap=0.5)
+    assert main(["segment", str(ct), "--model", str(card), "--out", str(tmp_path / "out"), "--block", "32"]) == 0
+    written = nib.load(tmp_path / "out" / "example_ct_sm" / "labels.nii.gz")
+    source = nib.load(ct)
+    np.testing.assert_array_equal(written.affine, source.affine)
+    assert written.shape == source.shape
+    info = inspect_volume(ct)
+    volume = read_volume_region(ct, Region((0, 0, 0), info.shape))
+    expected = reference_labels(card, volume)  # (D, H, W)
+    np.testing.assert_array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), expected)
+    stats = read_stats(tmp_path / "out" / "stats").to_pylist()
+    assert sum(r["pixel_count"] for r in stats) == volume[0].size
+    for row in stats:
+        assert row["area_unit"] == "mm3" and row["area"] == pytest.approx(row["pixel_count"] * 27.0)
+    assert (tmp_path / "out" / "example_ct_sm" / "preview.png").exists()
+
+
+def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tmp_path, capsys):
+    if not SLIDE.exists():
+        pytest.skip(f"real test slide {SLIDE} is absent (../shared/data is not beside this checkout)")
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    card_path = torchscript_card(tmp_path, conv_net(2, 3, 2), 2, 3, 2, tile=128, name="slide-net")
+    card = yaml.safe_load(card_path.read_text())
+    card["input"].update(scale=1 / 255, mean=[0.5] * 3, std=[0.25] * 3, mpp=1.0)
+    card_path.write_text(yaml.safe_dump(card))
+    assert main(["segment", str(SLIDE), "--model", str(card_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    skipped = int(out.split(" skipped")[0].split()[-1])
+    assert skipped > 0, "glass tiles are never sent to the model"
+
+    labels_root = tmp_path / "out" / "CMU-1-Small-Region" / "labels.ome.zarr"
+    nodes = list(Reader(parse_url(str(labels_root / "labels" / "slide-net")))())
+    level0 = np.asarray(nodes[0].data[0])
+    slide = inspect_slide(SLIDE)
+    assert level0.shape == working_shape(slide, *choose_level(slide, 1.0))  # resampled to 1.0 µm/px
+    assert level0.shape == (round(2967 * slide.mpp_x), round(2220 * slide.mpp_x))
+    axes = zarr.open_group(str(labels_root / "labels" / "slide-net")).attrs["ome"]["multiscales"][0]["axes"]
+    assert [a.get("unit") for a in axes] == ["micrometer", "micrometer"]
+    stats = read_stats(tmp_path / "out" / "stats").to_pylist()
+    for row in stats:
+        assert row["area_unit"] == "um2"
+        assert row["area"] == pytest.approx(row["pixel_count"] * 1.0**2)
+        assert row["pixel_count"] == int((level0 == row["class_id"]).sum())
