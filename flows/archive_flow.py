@@ -23,18 +23,17 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from flows import image_run
 from flows.image_run import ImageRun, SegmentSummary, plan_image, resolve_settings
 from flows.manifest import is_done
+from pipelines import storage
 from pipelines.errors import InputError
 from pipelines.model_card import load_card
 
-IMAGE_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".nii", ".nii.gz")
 
 
 @task(cache_policy=NO_CACHE)
 def discover_images(archive: str) -> list[str]:
-    root = Path(archive)
-    if not root.is_dir():
-        raise InputError(archive, "archive folder does not exist")
-    return sorted(str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The images directly in a local folder or under an s3:// prefix."""
+    return storage.list_images(archive, IMAGE_SUFFIXES)
 
 
 @task(cache_policy=NO_CACHE)

@@ -1,6 +1,6 @@
 """What has been done: one small JSON record per finished image, keyed for idempotency.
 
-An image's key hashes its URI, size and modification time with the model card's digest and the
+An image's key hashes its URI, size and modification time (ETag for objects) with the model card's digest and the
 settings that change the output, so a nightly run skips an image only when the very same
 result is already there.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from pipelines import storage
 
 
 def image_key(uri: str, card_digest: str, settings: dict) -> str:
-    stat = os.stat(uri)
-    identity = {"uri": str(Path(uri).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    size, version = storage.stat(uri)  # mtime for local files, ETag for objects
+    identity = {"uri": uri if storage.is_remote(uri) else str(Path(uri).resolve()), "size": size, "version": version}
     payload = json.dumps({"image": identity, "model": card_digest, "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -15,6 +15,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipelines.errors import InputError
+from pipelines.storage import exists, rasterio_env
 from pipelines.tiling import Region
 
 # GDAL's block cache defaults to 5% of RAM per process; a fixed bound keeps a worker's memory
@@ -41,10 +42,10 @@ class RasterInfo:
 
 def inspect_raster(uri: str | Path) -> RasterInfo:
     uri = str(uri)
-    if "://" not in uri and not Path(uri).exists():
+    if not exists(uri):
         raise InputError(uri, "no such file")
     try:
-        with rasterio.open(uri) as src:
+        with rasterio_env(uri), rasterio.open(uri) as src:
             if src.crs is None:
                 raise InputError(uri, "has no coordinate reference system: a scene must be georeferenced")
             return RasterInfo(
@@ -74,7 +75,7 @@ def read_region(uri: str, bands: tuple[int, ...], region: Region) -> np.ndarray:
     """Read bands x region (2D) from the source; raises InputError on a corrupt or truncated file."""
     (row0, col0), (row1, col1) = region.start, region.stop
     try:
-        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(uri) as src:
+        with rasterio_env(uri), rasterio.Env(**GDAL_OPTIONS), rasterio.open(uri) as src:
             return src.read(list(bands), window=Window(col0, row0, col1 - col0, row1 - row0))
     except RasterioError as exc:
         raise InputError(uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc
