@@ -25,7 +25,7 @@ from pipelines.preview import render_preview
 from pipelines.background import FACTOR
 from pipelines.ome_zarr import write_ome_zarr_labels
 from pipelines.slides import tissue_mask
-from pipelines.sources import SourceInfo, inspect_source, source_areas
+from pipelines.sources import SourceInfo, inspect_source, resolve_bands, source_areas
 from pipelines.volumes import write_labels_nifti
 from pipelines.areas import PixelAreas
 from pipelines.stats import class_area_table, write_stats
@@ -87,6 +87,8 @@ def resolve_settings(
 @dataclass(frozen=True)
 class ImageRun:
     source: SourceInfo
+    bands: tuple[int, ...]
+    """The card's bands resolved against this source (1-based indexes)."""
     card: ModelCard
     settings: SegmentSettings
     out_root: Path
@@ -128,8 +130,9 @@ class ImageRun:
 def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_root: Path, card_digest: str) -> ImageRun:
     """Check the source against the card before anything is written."""
     info = inspect_source(src, card)
+    bands = resolve_bands(info, card)
     key = image_key(info.uri, card_digest, settings.affecting_output())
-    return ImageRun(info, card, settings, Path(out_root), key)
+    return ImageRun(info, bands, card, settings, Path(out_root), key)
 
 
 def ingest(run: ImageRun) -> None:
@@ -137,7 +140,7 @@ def ingest(run: ImageRun) -> None:
     run.work_dir.mkdir(parents=True)
     shards = block_partition(run.source.shape, (run.settings.block,) * len(run.source.shape))
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
-        mask = ingest_source(run.source, run.card.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+        mask = ingest_source(run.source, run.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
     if run.source.kind == "slide":  # glass has no nodata value: tissue detection marks what to segment
         mask = tissue_mask(run.source.uri, FACTOR, run.source.slide_level, run.source.slide_scale)
     np.save(run.background_mask, mask)

@@ -35,8 +35,9 @@ class ModelCard:
     format: str
     weights: Path
     classes: tuple[ClassInfo, ...]
-    bands: tuple[int, ...]
-    """1-based band indexes of the source image, in the order the model expects them."""
+    bands: tuple[int | str, ...]
+    """Source bands in the order the model expects them: 1-based indexes, or band names (e.g. a
+    GeoTIFF's band descriptions), resolved against each source by pipelines.sources."""
     band_names: tuple[str, ...]
     scale: float
     """Multiplier applied to raw pixel values before normalisation (e.g. 1e-4 for S2 DN)."""
@@ -120,7 +121,7 @@ def parse_card(raw: dict, path: Path) -> ModelCard:
         raise InputError(path, f"unknown model format '{fmt}' (expected one of {', '.join(FORMATS)})")
     inputs = need(raw, "input")
     tile = need(raw, "tile")
-    bands = tuple(int(b) for b in need(inputs, "bands", "input."))
+    bands = tuple(b if isinstance(b, str) else int(b) for b in need(inputs, "bands", "input."))
     mean = tuple(float(m) for m in inputs.get("mean", [0.0] * len(bands)))
     std = tuple(float(s) for s in inputs.get("std", [1.0] * len(bands)))
     if not (len(mean) == len(std) == len(bands)):

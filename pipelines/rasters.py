@@ -34,6 +34,8 @@ class RasterInfo:
     transform: tuple[float, ...]
     """Affine coefficients (a, b, c, d, e, f) as rasterio orders them."""
     nodata: float | None
+    band_names: tuple[str | None, ...] = ()
+    """The bands' descriptions, where the file has them."""
 
     @property
     def stem(self) -> str:
@@ -57,13 +59,14 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
                 crs_wkt=src.crs.to_wkt() if src.crs else None,
                 transform=tuple(src.transform)[:6],
                 nodata=src.nodata,
+                band_names=tuple(src.descriptions),
             )
     except RasterioError as exc:
         raise InputError(uri, f"not a readable raster ({exc})") from exc
 
 
 def check_bands(info, bands: tuple[int, ...], card_source: str) -> None:
-    """info: anything with `uri` and `count` (the number of bands)."""
+    """info: anything with `uri` and `count` (the number of bands); bands are 1-based indexes."""
     if max(bands) > info.count or min(bands) < 1:
         raise InputError(
             info.uri,

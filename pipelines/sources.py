@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.areas import PixelAreas, pixel_areas
+from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
 from pipelines.rasters import RasterInfo, check_bands, inspect_raster, read_region
 from pipelines.slides import SlideInfo, choose_level, inspect_slide, read_slide_region, working_shape
@@ -37,6 +38,7 @@ class SourceInfo:
     detail: RasterInfo | SlideInfo | VolumeInfo
     slide_level: int = 0
     slide_scale: float = 1.0
+    band_names: tuple[str | None, ...] = ()
 
     @property
     def stem(self) -> str:
@@ -63,12 +65,29 @@ def inspect_source(uri: str | Path, card: ModelCard) -> SourceInfo:
     elif lower.endswith(SLIDE_SUFFIXES) or card.mpp is not None:
         slide = inspect_slide(uri)
         level, scale = choose_level(slide, card.mpp)
-        info = SourceInfo(uri, "slide", working_shape(slide, level, scale), 3, "uint8", None, slide, level, scale)
+        shape = working_shape(slide, level, scale)
+        info = SourceInfo(uri, "slide", shape, 3, "uint8", None, slide, level, scale, ("red", "green", "blue"))
     else:
         raster = inspect_raster(uri)
-        info = SourceInfo(uri, "scene", (raster.height, raster.width), raster.count, raster.dtype, raster.nodata, raster)
-    check_bands(info, card.bands, card.source)
+        shape = (raster.height, raster.width)
+        info = SourceInfo(uri, "scene", shape, raster.count, raster.dtype, raster.nodata, raster, band_names=raster.band_names)
+    check_bands(info, resolve_bands(info, card), card.source)
     return info
+
+
+def resolve_bands(info: SourceInfo, card: ModelCard) -> tuple[int, ...]:
+    """The card's bands as 1-based indexes of this source; names match its band names (any case)."""
+    names = [(name or "").lower() for name in info.band_names]
+    indexes = []
+    for band in card.bands:
+        if isinstance(band, int):
+            indexes.append(band)
+        elif band.lower() in names:
+            indexes.append(names.index(band.lower()) + 1)
+        else:
+            known = ", ".join(n for n in info.band_names if n) or "none"
+            raise InputError(info.uri, f"has no band named '{band}' (its band names: {known}) that card {card.source} asks for")
+    return tuple(indexes)
 
 
 def read_source_region(info: SourceInfo, bands: tuple[int, ...], region: Region) -> np.ndarray:

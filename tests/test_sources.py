@@ -4,6 +4,7 @@ mm³, a real whole-slide image to OME-Zarr labels with µm², tissue detection s
 from pathlib import Path
 
 import nibabel as nib
+import rasterio
 import numpy as np
 import pytest
 import yaml
@@ -67,3 +68,30 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
         assert row["area_unit"] == "um2"
         assert row["area"] == pytest.approx(row["pixel_count"] * 1.0**2)
         assert row["pixel_count"] == int((level0 == row["class_id"]).sum())
+
+
+def test_bands_chosen_by_name_match_the_same_bands_by_index(ray_cluster, sentinel_scene, tmp_path, capsys):
+    """The demo scene's bands carry descriptions (blue ... swir2): a card may name them."""
+    by_index = torchscript_card(tmp_path, conv_net(2, 4, 3), 2, 4, 3, tile=64, name="by-index")
+    card = yaml.safe_load(by_index.read_text())
+    card["input"]["bands"] = [3, 2, 1, 4]
+    by_index.write_text(yaml.safe_dump(card))
+    card["input"]["bands"] = ["red", "Green", "blue", "nir"]
+    by_name = tmp_path / "by-name.yaml"
+    by_name.write_text(yaml.safe_dump(card))
+    labels = {}
+    for name, path in (("index", by_index), ("name", by_name)):
+        assert main(["segment", str(sentinel_scene), "--model", str(path), "--out", str(tmp_path / name)]) == 0
+        with rasterio.open(tmp_path / name / "sentinel2_scene" / "labels.tif") as out:
+            labels[name] = out.read(1)
+    np.testing.assert_array_equal(labels["index"], labels["name"])
+
+    card["input"]["bands"] = ["red", "green", "blue", "thermal"]
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump(card))
+    capsys.readouterr()
+    assert main(["segment", str(sentinel_scene), "--model", str(unknown), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"segpipe: error: {sentinel_scene}: has no band named 'thermal' (its band names: blue, green, red, nir, "
+        f"swir1, swir2) that card {unknown} asks for"
+    )
