@@ -104,7 +104,15 @@ class ImageRun:
 
     @property
     def image_store(self) -> Path:
+        """Where the model reads the image: a Zarr source is used in place, others are ingested."""
+        if self.source.kind == "zarr":
+            return Path(self.source.detail.array_path)
         return self.work_dir / "image.zarr"
+
+    @property
+    def store_bands(self) -> tuple[int, ...] | None:
+        """0-based channels of image_store the model reads; None when ingest kept only those."""
+        return tuple(b - 1 for b in self.bands) if self.source.kind == "zarr" else None
 
     @property
     def label_store(self) -> Path:
@@ -138,6 +146,8 @@ def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_
 def ingest(run: ImageRun) -> None:
     shutil.rmtree(run.work_dir, ignore_errors=True)
     run.work_dir.mkdir(parents=True)
+    if run.source.kind == "zarr":
+        return  # read in place; no nodata value, so no background mask either
     shards = block_partition(run.source.shape, (run.settings.block,) * len(run.source.shape))
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
         mask = ingest_source(run.source, run.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
@@ -164,7 +174,8 @@ def segment(run: ImageRun) -> SegmentSummary:
         run.settings,
         image_store=run.image_store,
         label_store=run.label_store,
-        background_mask=np.load(run.background_mask),
+        background_mask=np.load(run.background_mask) if run.background_mask.exists() else None,
+        bands=run.store_bands,
         probability_store=run.probability_store if run.settings.probabilities else None,
         name=run.name,
         areas=source_areas(run.source),
@@ -180,6 +191,7 @@ def segment_store(
     probability_store: Path | None = None,
     name: str = "image",
     areas: PixelAreas | None = None,
+    bands: tuple[int, ...] | None = None,
 ) -> SegmentSummary:
     """Segment an ingested (band, *spatial) Zarr image, 2D or 3D, into a new label store."""
     import zarr
@@ -205,6 +217,7 @@ def segment_store(
             tta=settings.tta,
             probability_store=str(probability_store) if probability_store else None,
             row_areas=areas.row_areas[block.start[0] : block.stop[0]] if areas else None,
+            bands=bands,
         )
         for block in shard_regions(label_store)
     ]
@@ -220,7 +233,7 @@ def segment_store(
     return SegmentSummary(counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit)
 
 
-LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "labels.ome.zarr", "volume": "labels.nii.gz"}
+LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "labels.ome.zarr", "volume": "labels.nii.gz", "zarr": "labels.ome.zarr"}
 
 
 def finalize(run: ImageRun) -> None:
@@ -237,18 +250,20 @@ def finalize(run: ImageRun) -> None:
     if run.source.kind == "scene":
         detail = run.source.detail
         write_labels_cog(labels, labels_path, detail.crs_wkt, detail.transform, run.card.classes)
-    elif run.source.kind == "slide":
-        mpp = run.source.working_mpp
+    elif run.source.kind in ("slide", "zarr"):
         write_ome_zarr_labels(
             labels, labels_path, run.card.name, [(c.id, c.name, c.color) for c in run.card.classes],
-            pixel_size=((mpp, "µm"), (mpp, "µm")) if mpp else None,
+            pixel_size=label_pixel_size(run.source),
         )
     else:
         write_labels_nifti(labels, labels_path, run.source.detail)
-    if run.source.kind == "volume":  # the preview shows the middle slice
+    preview_bands = run.card.preview_bands
+    if run.store_bands is not None:
+        preview_bands = tuple(run.store_bands[p] for p in preview_bands)
+    if len(run.source.shape) == 3:  # the preview shows the middle slice
         middle = run.source.shape[0] // 2
         image, labels = image[:, middle], labels[middle]
-    render_preview(image, labels, run.card.preview_bands, run.card.classes, run.staged_dir / "preview.png")
+    render_preview(image, labels, preview_bands, run.card.classes, run.staged_dir / "preview.png")
     if run.settings.probabilities:
         run.probability_store.replace(run.staged_dir / "probabilities.zarr")
     previous = run.work_dir / "previous-output"
@@ -256,6 +271,15 @@ def finalize(run: ImageRun) -> None:
         run.output_dir.replace(previous)
     run.staged_dir.replace(run.output_dir)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def label_pixel_size(source: SourceInfo) -> tuple[tuple[float, str], ...] | None:
+    """Pixel size per spatial axis for OME-Zarr labels: the slide's µm/px or the source's own."""
+    if source.kind == "slide" and source.working_mpp:
+        return ((source.working_mpp, "µm"),) * 2
+    if source.kind == "zarr" and source.detail.unit:
+        return tuple((size, source.detail.unit) for size in source.detail.pixel_size)
+    return None
 
 
 def record_stats(run: ImageRun, summary: SegmentSummary, run_date: dt.date) -> pa.Table:

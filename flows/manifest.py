@@ -15,7 +15,9 @@ from pipelines import storage
 
 
 def image_key(uri: str, card_digest: str, settings: dict) -> str:
-    size, version = storage.stat(uri)  # mtime for local files, ETag for objects
+    # mtime for local files, ETag for objects; a Zarr store (a folder) by its root metadata
+    # document, so rewriting chunks without touching the metadata goes unnoticed.
+    size, version = storage.stat(f"{uri.rstrip('/')}/zarr.json" if uri.rstrip("/").endswith(".zarr") else uri)
     identity = {"uri": uri if storage.is_remote(uri) else str(Path(uri).resolve()), "size": size, "version": version}
     payload = json.dumps({"image": identity, "model": card_digest, "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

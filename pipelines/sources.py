@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from pipelines.areas import PixelAreas, pixel_areas
 from pipelines.errors import InputError
@@ -21,6 +22,7 @@ from pipelines.slides import SlideInfo, choose_level, inspect_slide, read_slide_
 from pipelines.tiling import Region
 from pipelines.volumes import VolumeInfo, inspect_volume, read_volume_region, voxel_volume
 
+ZARR_SUFFIXES = (".zarr", ".zarr/")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
@@ -29,13 +31,13 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 class SourceInfo:
     uri: str
     kind: str
-    """"scene", "slide" or "volume"."""
+    """"scene", "slide", "volume" or "zarr" (an existing (channel, *spatial) Zarr or OME-Zarr array, used in place)."""
     shape: tuple[int, ...]
     """Spatial shape: (H, W), or (D, H, W) for volumes."""
     count: int
     dtype: str
     nodata: float | None
-    detail: RasterInfo | SlideInfo | VolumeInfo
+    detail: RasterInfo | SlideInfo | VolumeInfo | ZarrImage
     slide_level: int = 0
     slide_scale: float = 1.0
     band_names: tuple[str | None, ...] = ()
@@ -43,7 +45,7 @@ class SourceInfo:
     @property
     def stem(self) -> str:
         name = Path(self.uri).name
-        for suffix in VOLUME_SUFFIXES + SLIDE_SUFFIXES + (".tif", ".tiff"):
+        for suffix in (".ome.zarr", ".zarr") + VOLUME_SUFFIXES + SLIDE_SUFFIXES + (".tif", ".tiff"):
             if name.lower().endswith(suffix):
                 return name[: -len(suffix)]
         return Path(name).stem
@@ -57,9 +59,12 @@ class SourceInfo:
 
 
 def inspect_source(uri: str | Path, card: ModelCard) -> SourceInfo:
-    uri = str(uri)
+    uri = str(uri).rstrip("/")
     lower = uri.lower()
-    if card.spatial_dims == 3 or lower.endswith(VOLUME_SUFFIXES):
+    if lower.endswith(".zarr"):
+        image = open_zarr_image(uri, card.spatial_dims)
+        info = SourceInfo(uri, "zarr", image.shape[1:], image.shape[0], image.dtype, None, image)
+    elif card.spatial_dims == 3 or lower.endswith(VOLUME_SUFFIXES):
         volume = inspect_volume(uri)
         info = SourceInfo(uri, "volume", volume.shape, volume.channels, volume.dtype, None, volume)
     elif lower.endswith(SLIDE_SUFFIXES) or card.mpp is not None:
@@ -96,6 +101,9 @@ def read_source_region(info: SourceInfo, bands: tuple[int, ...], region: Region)
         return read_region(info.uri, bands, region)
     if info.kind == "slide":
         pixels = read_slide_region(info.uri, info.slide_level, region, info.slide_scale)
+    elif info.kind == "zarr":
+        array = zarr.open_array(info.detail.array_path, mode="r")
+        return np.asarray(array[([b - 1 for b in bands], *region.slices())])
     else:
         pixels = read_volume_region(info.uri, region)
     return pixels[[b - 1 for b in bands]]
@@ -110,4 +118,51 @@ def source_areas(info: SourceInfo) -> PixelAreas:
     if info.kind == "volume":
         value, unit = voxel_volume(info.detail)
         return PixelAreas(unit, np.full(info.shape[0], value))
+    if info.kind == "zarr" and info.detail.unit:
+        return PixelAreas(f"{info.detail.unit}{len(info.shape)}", np.full(info.shape[0], float(np.prod(info.detail.pixel_size))))
     return pixel_areas(None, (1, 0, 0, 0, -1, 0), info.shape[0])
+
+
+UNIT_SYMBOLS = {"micrometer": "um", "millimeter": "mm", "nanometer": "nm", "centimeter": "cm", "meter": "m"}
+
+
+@dataclass(frozen=True)
+class ZarrImage:
+    array_path: str
+    shape: tuple[int, ...]
+    """(channel, *spatial)."""
+    dtype: str
+    pixel_size: tuple[float, ...] = ()
+    unit: str | None = None
+    """Symbol of the spatial unit of pixel_size (e.g. um), when the OME-Zarr metadata gives one."""
+
+
+def open_zarr_image(uri: str, spatial_dims: int) -> ZarrImage:
+    """A plain Zarr array (channel, *spatial), or the full-resolution array of an OME-Zarr image
+    (NGFF 0.4 or 0.5 `multiscales`, its level-0 scale and units giving the pixel size)."""
+    try:
+        node = zarr.open(uri, mode="r")
+    except Exception as exc:
+        raise InputError(uri, f"not a readable Zarr store ({exc})") from exc
+    pixel_size, unit, array_path = (), None, uri
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("ome", attrs).get("multiscales")
+        if not multiscales:
+            raise InputError(uri, "is a Zarr group without OME-Zarr multiscales metadata")
+        image = multiscales[0]
+        level0 = image["datasets"][0]
+        node = node[level0["path"]]
+        array_path = f"{uri}/{level0['path']}"
+        axes = image.get("axes", [])
+        space = [a for a in axes if isinstance(a, dict) and a.get("type") == "space"]
+        scales = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t["type"] == "scale"), None)
+        if space and scales:
+            pixel_size = tuple(scales[-len(space):])
+            unit = UNIT_SYMBOLS.get(space[-1].get("unit"))
+    shape = tuple(node.shape)
+    if len(shape) == spatial_dims:
+        raise InputError(uri, f"has no channel axis: segpipe reads (channel, *spatial) arrays, this one is {shape}")
+    if len(shape) != spatial_dims + 1:
+        raise InputError(uri, f"has shape {shape}; a {spatial_dims}D model card needs (channel, *spatial)")
+    return ZarrImage(array_path, shape, str(node.dtype), pixel_size, unit)

@@ -122,15 +122,16 @@ def create_probability_store(
     )
 
 
-def read_padded(image: zarr.Array, region: Region) -> np.ndarray:
-    """Read (band, *region) from the image; parts outside the image are mirrored from inside.
+def read_padded(image: zarr.Array, region: Region, bands: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read (band, *region) from the image (all bands, or the 0-based `bands`); parts outside the
+    image are mirrored from inside.
 
     The mirror is about the image edge, so the same tile reads the same values whichever
     block asks for it.
     """
     spatial = image.shape[1:]
     inside = region.intersection(Region((0,) * len(spatial), spatial))
-    data = image[(slice(None), *inside.slices())]
+    data = image[(list(bands) if bands is not None else slice(None), *inside.slices())]
     pads = [(0, 0)] + [(a - r0, r1 - b) for a, b, r0, r1 in zip(inside.start, inside.stop, region.start, region.stop)]
     if any(p != (0, 0) for p in pads):
         data = np.pad(data, pads, mode="reflect" if min(inside.shape) > 1 else "edge")

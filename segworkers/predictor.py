@@ -37,6 +37,8 @@ class BlockJob:
     blending: str = "gaussian"
     tta: bool = False
     probability_store: str | None = None
+    bands: tuple[int, ...] | None = None
+    """0-based channels of the image store to read (a Zarr source used in place); None: all."""
     row_areas: np.ndarray | None = None
     """Area of one pixel (voxel) in each row (slice, in 3D) of the block along its first axis;
     None when areas are not wanted."""
@@ -112,7 +114,7 @@ class BlockPredictor:
             tuple(min([t.start[i] - halo for t in tiles] + [accumulated.start[i]]) for i in range(dims)),
             tuple(max([t.stop[i] + halo for t in tiles] + [accumulated.stop[i]]) for i in range(dims)),
         )
-        pixels = read_padded(image, context)
+        pixels = read_padded(image, context, job.bands)
         weights = tile_weights(job.blending, (job.tile_size,) * dims)
         accumulator = BlockAccumulator(accumulated, self.card.num_classes, weights)
         if tiles:

@@ -95,3 +95,52 @@ def test_bands_chosen_by_name_match_the_same_bands_by_index(ray_cluster, sentine
         f"segpipe: error: {sentinel_scene}: has no band named 'thermal' (its band names: blue, green, red, nir, "
         f"swir1, swir2) that card {unknown} asks for"
     )
+
+
+def test_a_zarr_array_is_segmented_in_place(ray_cluster, sentinel_scene, segmented_scene, tmp_path):
+    """The scene's six bands as a plain (channel, y, x) Zarr array: read where it is, not
+    ingested, same labels as the GeoTIFF run."""
+    with rasterio.open(sentinel_scene) as src:
+        pixels = src.read()
+    source = tmp_path / "scene.zarr"
+    zarr.create_array(str(source), data=pixels, chunks=(6, 64, 64))
+    before = sorted(p.name for p in source.rglob("*"))
+    with pytest.warns(UserWarning, match="no CRS"):
+        assert main(["segment", str(source), "--model", "s2-cloud", "--out", str(tmp_path / "out")]) == 0
+    nodes = zarr.open_group(str(tmp_path / "out" / "scene" / "labels.ome.zarr" / "labels" / "s2-cloud"))
+    with rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as reference:
+        expected = reference.read(1)
+    zero_is_nodata = np.all(pixels == 0, axis=0)  # a plain array has no nodata value: no pixel is masked
+    assert not zero_is_nodata.any()
+    np.testing.assert_array_equal(nodes["0"][:], expected)
+    assert sorted(p.name for p in source.rglob("*")) == before
+    assert read_stats(tmp_path / "out" / "stats").to_pylist()[0]["area_unit"] == "px"
+
+
+def test_an_ome_zarr_image_gives_labels_in_its_units(ray_cluster, tmp_path):
+    from ome_zarr.writer import write_image
+
+    from training import nuclei_halves
+
+    x, _, _, _ = nuclei_halves()
+    image = (x[0].numpy() * 200 + 20).clip(0, 255).astype(np.uint8)  # (1, 512, 256)
+    root = tmp_path / "nuclei.ome.zarr"
+    group = zarr.open_group(str(root), mode="w")
+    write_image(image, group, axes="cyx")
+    ome = group.attrs["ome"]  # the image was taken at 0.5 µm per pixel
+    for axis in ome["multiscales"][0]["axes"][1:]:
+        axis["unit"] = "micrometer"
+    for dataset in ome["multiscales"][0]["datasets"]:
+        scale = dataset["coordinateTransformations"][0]["scale"]
+        scale[1:] = [s * 0.5 for s in scale[1:]]
+    group.attrs["ome"] = ome
+    card = torchscript_card(tmp_path, conv_net(2, 1, 2), 2, 1, 2, tile=64)
+    assert main(["segment", str(root), "--model", str(card), "--out", str(tmp_path / "out")]) == 0
+    labels = zarr.open_group(str(tmp_path / "out" / "nuclei" / "labels.ome.zarr" / "labels" / "net"))
+    axes = labels.attrs["ome"]["multiscales"][0]["axes"]
+    assert [a.get("unit") for a in axes] == ["micrometer", "micrometer"]
+    level0 = labels["0"][:]
+    assert level0.shape == (512, 256)
+    for row in read_stats(tmp_path / "out" / "stats").to_pylist():
+        assert row["area_unit"] == "um2"
+        assert row["area"] == pytest.approx(int((level0 == row["class_id"]).sum()) * 0.25)
