@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
@@ -36,10 +37,32 @@ class RasterInfo:
     nodata: float | None
     band_names: tuple[str | None, ...] = ()
     """The bands' descriptions, where the file has them."""
+    has_mask: bool = False
+    """The file carries a mask (an internal or sidecar mask band, or alpha) beyond nodata."""
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
 
     @property
     def stem(self) -> str:
         return Path(self.uri).stem
+
+    @property
+    def scaled(self) -> bool:
+        return any(s != 1 for s in self.scales) or any(o != 0 for o in self.offsets)
+
+    @property
+    def pixel_dtype(self) -> str:
+        """What read_region returns: float32 once scale/offset are applied."""
+        return "float32" if self.scaled else self.dtype
+
+    @property
+    def pixel_nodata(self) -> float | None:
+        """The value read_region puts in masked or nodata pixels."""
+        if self.scaled:
+            return float("nan") if (self.nodata is not None or self.has_mask) else None
+        if self.has_mask and self.nodata is None:
+            return 0
+        return self.nodata
 
 
 def inspect_raster(uri: str | Path) -> RasterInfo:
@@ -60,6 +83,11 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
                 transform=tuple(src.transform)[:6],
                 nodata=src.nodata,
                 band_names=tuple(src.descriptions),
+                has_mask=any(
+                    MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in src.mask_flag_enums
+                ),
+                scales=tuple(src.scales),
+                offsets=tuple(src.offsets),
             )
     except RasterioError as exc:
         raise InputError(uri, f"not a readable raster ({exc})") from exc
@@ -74,11 +102,27 @@ def check_bands(info, bands: tuple[int, ...], card_source: str) -> None:
         )
 
 
-def read_region(uri: str, bands: tuple[int, ...], region: Region) -> np.ndarray:
-    """Read bands x region (2D) from the source; raises InputError on a corrupt or truncated file."""
+def read_region(info: RasterInfo, bands: tuple[int, ...], region: Region) -> np.ndarray:
+    """Read bands x region (2D) of the scene: the file's scale and offset applied, masked and
+    nodata pixels set to info.pixel_nodata. Raises InputError on a corrupt or truncated file."""
     (row0, col0), (row1, col1) = region.start, region.stop
+    window = Window(col0, row0, col1 - col0, row1 - row0)
     try:
-        with rasterio_env(uri), rasterio.Env(**GDAL_OPTIONS), rasterio.open(uri) as src:
-            return src.read(list(bands), window=Window(col0, row0, col1 - col0, row1 - row0))
+        with rasterio_env(info.uri), rasterio.Env(**GDAL_OPTIONS), rasterio.open(info.uri) as src:
+            pixels = src.read(list(bands), window=window)
+            if info.has_mask:
+                invalid = src.read_masks(list(bands), window=window).max(axis=0) == 0
+            elif info.nodata is not None:
+                invalid = np.all(pixels == info.nodata, axis=0)
+            else:
+                invalid = None
     except RasterioError as exc:
-        raise InputError(uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc
+        raise InputError(info.uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc
+    if info.scaled:
+        shape = (-1, 1, 1)
+        scales = np.array([info.scales[b - 1] for b in bands], dtype=np.float32).reshape(shape)
+        offsets = np.array([info.offsets[b - 1] for b in bands], dtype=np.float32).reshape(shape)
+        pixels = pixels.astype(np.float32) * scales + offsets
+    if invalid is not None:
+        pixels[:, invalid] = info.pixel_nodata
+    return pixels

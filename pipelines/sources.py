@@ -75,7 +75,9 @@ def inspect_source(uri: str | Path, card: ModelCard) -> SourceInfo:
     else:
         raster = inspect_raster(uri)
         shape = (raster.height, raster.width)
-        info = SourceInfo(uri, "scene", shape, raster.count, raster.dtype, raster.nodata, raster, band_names=raster.band_names)
+        info = SourceInfo(
+            uri, "scene", shape, raster.count, raster.pixel_dtype, raster.pixel_nodata, raster, band_names=raster.band_names
+        )
     check_bands(info, resolve_bands(info, card), card.source)
     return info
 
@@ -98,7 +100,7 @@ def resolve_bands(info: SourceInfo, card: ModelCard) -> tuple[int, ...]:
 def read_source_region(info: SourceInfo, bands: tuple[int, ...], region: Region) -> np.ndarray:
     """(len(bands), *region.shape) pixels; bands are 1-based as in the card."""
     if info.kind == "scene":
-        return read_region(info.uri, bands, region)
+        return read_region(info.detail, bands, region)
     if info.kind == "slide":
         pixels = read_slide_region(info.uri, info.slide_level, region, info.slide_scale)
     elif info.kind == "zarr":

@@ -144,3 +144,41 @@ def test_an_ome_zarr_image_gives_labels_in_its_units(ray_cluster, tmp_path):
     for row in read_stats(tmp_path / "out" / "stats").to_pylist():
         assert row["area_unit"] == "um2"
         assert row["area"] == pytest.approx(int((level0 == row["class_id"]).sum()) * 0.25)
+
+
+def scene_copy(sentinel_scene, path, **profile_changes):
+    with rasterio.open(sentinel_scene) as src:
+        profile, pixels = src.profile, src.read()
+    profile.update(profile_changes)
+    return path, profile, pixels
+
+
+def test_a_scene_mask_is_honoured(ray_cluster, sentinel_scene, tmp_path):
+    """An internal mask band (no nodata value) marks pixels the model must not count."""
+    path, profile, pixels = scene_copy(sentinel_scene, tmp_path / "masked.tif", nodata=None)
+    mask = np.full((200, 300), 255, dtype=np.uint8)
+    mask[20:80, 150:260] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+        dst.write_mask(mask)
+    assert main(["segment", str(path), "--model", "s2-cloud", "--out", str(tmp_path / "out")]) == 0
+    with rasterio.open(tmp_path / "out" / "masked" / "labels.tif") as out:
+        labels = out.read(1)
+    assert (labels[mask == 0] == 255).all() and (labels[mask > 0] != 255).all()
+    assert sum(r["pixel_count"] for r in read_stats(tmp_path / "out" / "stats").to_pylist()) == int((mask > 0).sum())
+
+
+def test_scale_and_offset_are_applied(sentinel_scene, tmp_path):
+    from pipelines.model_card import load_card
+    from pipelines.sources import inspect_source, read_source_region
+
+    path, profile, pixels = scene_copy(sentinel_scene, tmp_path / "scaled.tif")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+        dst.scales = [0.5] * 6
+        dst.offsets = [10.0] * 6
+    info = inspect_source(path, load_card("s2-cloud"))
+    region = read_source_region(info, (1, 4), Region((0, 0), (200, 300)))
+    assert info.dtype == "float32" and np.isnan(info.nodata)
+    valid = ~np.all(pixels == 0, axis=0)
+    np.testing.assert_allclose(region[:, valid], pixels[[0, 3]][:, valid] * 0.5 + 10.0)
