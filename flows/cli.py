@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiling_options(segment)
     segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
     segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
+    segment.add_argument("--tiff", action="store_true",
+                         help="slides and Zarr sources: also write labels.tif (a tiled TIFF in pixel coordinates)")
     segment.add_argument("--probabilities", action="store_true",
                          help="also write uint8-quantised class probabilities to DIR/<image>/probabilities.zarr")
 
@@ -78,6 +80,7 @@ def segment_command(args: argparse.Namespace) -> int:
     settings = resolve_settings(
         card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block, device=args.device,
         workers=args.workers, blending=args.blending, tta=args.tta, probabilities=args.probabilities,
+        label_tiff=args.tiff,
     )
     run = plan_image(args.src, card, settings, args.out, card.digest())
     shape = " x ".join(str(s) for s in reversed(run.source.shape))

@@ -50,6 +50,8 @@ class SegmentSettings:
     blending: str = "gaussian"
     tta: bool = False
     probabilities: bool = False
+    label_tiff: bool = False
+    """Also write labels.tif for sources whose labels go to OME-Zarr (slides, Zarr)."""
     workers: int | None = None
 
     def affecting_output(self) -> dict:
@@ -69,6 +71,7 @@ def resolve_settings(
     blending: str = "gaussian",
     tta: bool = False,
     probabilities: bool = False,
+    label_tiff: bool = False,
 ) -> SegmentSettings:
     tile = tile or card.tile_size
     if card.fixed_tile_size and tile != card.tile_size:
@@ -80,7 +83,7 @@ def resolve_settings(
     block = -(-max(block, tile) // tile) * tile  # a whole number of tile-sized chunks per shard
     return SegmentSettings(
         tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card),
-        blending=blending, tta=tta, probabilities=probabilities, workers=workers,
+        blending=blending, tta=tta, probabilities=probabilities, label_tiff=label_tiff, workers=workers,
     )
 
 
@@ -255,6 +258,8 @@ def finalize(run: ImageRun) -> None:
             labels, labels_path, run.card.name, [(c.id, c.name, c.color) for c in run.card.classes],
             pixel_size=label_pixel_size(run.source),
         )
+        if run.settings.label_tiff and len(run.source.shape) == 2:
+            write_labels_cog(labels, run.staged_dir / "labels.tif", None, None, run.card.classes)
     else:
         write_labels_nifti(labels, labels_path, run.source.detail)
     preview_bands = run.card.preview_bands

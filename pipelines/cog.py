@@ -26,9 +26,10 @@ def write_labels_cog(
     labels: zarr.Array,
     path: Path,
     crs_wkt: str | None,
-    transform: tuple[float, ...],
+    transform: tuple[float, ...] | None,
     classes: tuple[ClassInfo, ...],
 ) -> None:
+    """transform None: a plain tiled TIFF in pixel coordinates (slides), no georeferencing."""
     height, width = labels.shape
     scratch = path.with_suffix(".scratch.tif")
     profile = {
@@ -38,7 +39,7 @@ def write_labels_cog(
         "count": 1,
         "dtype": "uint8",
         "crs": CRS.from_wkt(crs_wkt) if crs_wkt else None,
-        "transform": Affine(*transform),
+        **({"transform": Affine(*transform)} if transform else {}),
         "nodata": NODATA_LABEL,
         "tiled": True,
         "blockxsize": 512,

@@ -50,7 +50,7 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
     card = yaml.safe_load(card_path.read_text())
     card["input"].update(scale=1 / 255, mean=[0.5] * 3, std=[0.25] * 3, mpp=1.0)
     card_path.write_text(yaml.safe_dump(card))
-    assert main(["segment", str(SLIDE), "--model", str(card_path), "--out", str(tmp_path / "out")]) == 0
+    assert main(["segment", str(SLIDE), "--model", str(card_path), "--out", str(tmp_path / "out"), "--tiff"]) == 0
     out = capsys.readouterr().out
     skipped = int(out.split(" skipped")[0].split()[-1])
     assert skipped > 0, "glass tiles are never sent to the model"
@@ -63,6 +63,8 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
     assert level0.shape == (round(2967 * slide.mpp_x), round(2220 * slide.mpp_x))
     axes = zarr.open_group(str(labels_root / "labels" / "slide-net")).attrs["ome"]["multiscales"][0]["axes"]
     assert [a.get("unit") for a in axes] == ["micrometer", "micrometer"]
+    with rasterio.open(tmp_path / "out" / "CMU-1-Small-Region" / "labels.tif") as tiff:
+        np.testing.assert_array_equal(tiff.read(1), level0)
     stats = read_stats(tmp_path / "out" / "stats").to_pylist()
     for row in stats:
         assert row["area_unit"] == "um2"
