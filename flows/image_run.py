@@ -155,7 +155,7 @@ def ingest(run: ImageRun) -> None:
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
         mask = ingest_source(run.source, run.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
     if run.source.kind == "slide":  # glass has no nodata value: tissue detection marks what to segment
-        mask = tissue_mask(run.source.uri, FACTOR, run.source.slide_level, run.source.slide_scale)
+        mask = tissue_mask(run.source.detail.uri, FACTOR, run.source.slide_level, run.source.slide_scale)
     np.save(run.background_mask, mask)
 
 

@@ -8,12 +8,15 @@ ingest, segmentation and statistics do not care which kind they are working on.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from pipelines import storage
 from pipelines.areas import PixelAreas, pixel_areas
 from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
@@ -65,10 +68,10 @@ def inspect_source(uri: str | Path, card: ModelCard) -> SourceInfo:
         image = open_zarr_image(uri, card.spatial_dims)
         info = SourceInfo(uri, "zarr", image.shape[1:], image.shape[0], image.dtype, None, image)
     elif card.spatial_dims == 3 or lower.endswith(VOLUME_SUFFIXES):
-        volume = inspect_volume(uri)
+        volume = inspect_volume(local_copy(uri))
         info = SourceInfo(uri, "volume", volume.shape, volume.channels, volume.dtype, None, volume)
     elif lower.endswith(SLIDE_SUFFIXES) or card.mpp is not None:
-        slide = inspect_slide(uri)
+        slide = inspect_slide(local_copy(uri))
         level, scale = choose_level(slide, card.mpp)
         shape = working_shape(slide, level, scale)
         info = SourceInfo(uri, "slide", shape, 3, "uint8", None, slide, level, scale, ("red", "green", "blue"))
@@ -80,6 +83,22 @@ def inspect_source(uri: str | Path, card: ModelCard) -> SourceInfo:
         )
     check_bands(info, resolve_bands(info, card), card.source)
     return info
+
+
+def local_copy(uri: str) -> str:
+    """Slide and volume readers need a seekable local file: an s3:// object is copied once into
+    a cache folder keyed by its URI and ETag (GDAL reads scenes over /vsis3/ directly)."""
+    if not storage.is_remote(uri):
+        return uri
+    size, version = storage.stat(uri)
+    key = hashlib.sha256(f"{uri}|{size}|{version}".encode()).hexdigest()[:24]
+    target = Path(tempfile.gettempdir()) / "segpipe-cache" / key / Path(uri).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        storage.get_file(uri, partial)
+        partial.replace(target)
+    return str(target)
 
 
 def resolve_bands(info: SourceInfo, card: ModelCard) -> tuple[int, ...]:
@@ -102,12 +121,12 @@ def read_source_region(info: SourceInfo, bands: tuple[int, ...], region: Region)
     if info.kind == "scene":
         return read_region(info.detail, bands, region)
     if info.kind == "slide":
-        pixels = read_slide_region(info.uri, info.slide_level, region, info.slide_scale)
+        pixels = read_slide_region(info.detail.uri, info.slide_level, region, info.slide_scale)
     elif info.kind == "zarr":
         array = zarr.open_array(info.detail.array_path, mode="r")
         return np.asarray(array[([b - 1 for b in bands], *region.slices())])
     else:
-        pixels = read_volume_region(info.uri, region)
+        pixels = read_volume_region(info.detail.uri, region)
     return pixels[[b - 1 for b in bands]]
 
 

@@ -143,6 +143,13 @@ def put_file(local_path: str | Path, uri: str | Path) -> None:
         fs.put_file(str(local_path), path)
 
 
+def get_file(uri: str | Path, local_path: str | Path) -> None:
+    """Copy one file or object to a local path (its folder must exist)."""
+    with _input_errors(str(uri)):
+        fs, path = filesystem(uri)
+        fs.get_file(path, str(local_path))
+
+
 def put_tree(local_dir: str | Path, uri: str | Path) -> list[str]:
     """Copy every file under `local_dir` to the same relative key under `uri`; returns the
     destination URIs/paths, sorted.

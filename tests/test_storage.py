@@ -204,3 +204,22 @@ def test_segment_and_archive_flow_read_scenes_from_s3(ray_cluster, prefect_serve
     second = segment_archive(f"s3://{bucket}/archive/", "s2-cloud", str(tmp_path / "flow"))
     assert first["done"] == ["sentinel2_scene"] and not first["failed"]
     assert second["skipped"] == ["sentinel2_scene"] and not second["done"]
+
+
+def test_a_volume_on_s3_is_segmented_from_a_cached_copy(ray_cluster, s3, bucket, tmp_path):
+    """nibabel needs a seekable file: the object is fetched once into a cache keyed by its ETag;
+    the labels carry the affine and the key the object's identity."""
+    import nibabel as nib
+
+    from flows.cli import main
+    from test_stitching import conv_net, torchscript_card
+    from training import shared_volume
+
+    ct = shared_volume("example_ct_sm.nii.gz")
+    s3.upload_file(str(ct), bucket, "volumes/ct.nii.gz")
+    card = torchscript_card(tmp_path, conv_net(3, 1, 3), 3, 1, 3, tile=16, overlap=0.5)
+    uri = f"s3://{bucket}/volumes/ct.nii.gz"
+    assert main(["segment", uri, "--model", str(card), "--out", str(tmp_path / "out"), "--block", "32"]) == 0
+    written = nib.load(tmp_path / "out" / "ct" / "labels.nii.gz")
+    np.testing.assert_array_equal(written.affine, nib.load(ct).affine)
+    assert written.shape == nib.load(ct).shape
