@@ -23,7 +23,7 @@ from pipelines.model_card import ModelCard
 from pipelines.cog import write_labels_cog
 from pipelines.preview import render_preview
 from pipelines.background import FACTOR
-from pipelines.ome_zarr import write_ome_zarr_labels
+from pipelines.ome_zarr import write_ome_zarr_image, write_ome_zarr_labels
 from pipelines.slides import tissue_mask
 from pipelines.sources import SourceInfo, inspect_source, resolve_bands, source_areas
 from pipelines.volumes import write_labels_nifti
@@ -236,7 +236,7 @@ def segment_store(
     return SegmentSummary(counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit)
 
 
-LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "labels.ome.zarr", "volume": "labels.nii.gz", "zarr": "labels.ome.zarr"}
+LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "image.ome.zarr", "volume": "labels.nii.gz", "zarr": "labels.ome.zarr"}
 
 
 def finalize(run: ImageRun) -> None:
@@ -254,6 +254,8 @@ def finalize(run: ImageRun) -> None:
         detail = run.source.detail
         write_labels_cog(labels, labels_path, detail.crs_wkt, detail.transform, run.card.classes)
     elif run.source.kind in ("slide", "zarr"):
+        if run.source.kind == "slide":  # the image at the resolution segmented, labels inside it
+            write_ome_zarr_image(image, labels_path, run.name, pixel_size=label_pixel_size(run.source))
         write_ome_zarr_labels(
             labels, labels_path, run.card.name, [(c.id, c.name, c.color) for c in run.card.classes],
             pixel_size=label_pixel_size(run.source),

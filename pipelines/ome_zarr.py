@@ -153,6 +153,77 @@ def write_ome_zarr_labels(
     labels_group.attrs["ome"] = {"version": NGFF_VERSION, "labels": [*[n for n in listed if n != name], name]}
 
 
+def write_ome_zarr_image(
+    image,
+    root: Path,
+    name: str,
+    pixel_size: Sequence[tuple[float, str]] | None = None,
+    levels: int | None = None,
+) -> None:
+    """Write a (channel, *spatial) image (zarr array or numpy) as an NGFF multiscale image at
+    `root`, so that labels written into it afterwards open together in a viewer.
+
+    Level 0 is copied shard by shard; each coarser level is the 2x2(x2) mean of the one before
+    (edge pixels repeated for odd sizes), built one shard at a time: memory does not grow with
+    the image.
+    """
+    shape = tuple(int(s) for s in image.shape)
+    spatial = shape[1:]
+    if len(spatial) not in AXIS_NAMES:
+        raise ValueError(f"image must be (channel, *spatial) with 2 or 3 spatial axes, got {shape}")
+    if levels is None:
+        levels = 1 + max(0, math.ceil(math.log2(max(spatial) / SMALLEST_LEVEL)))
+    axis_names = AXIS_NAMES[len(spatial)]
+    scale = [float(v) for v, _ in pixel_size] if pixel_size else [1.0] * len(spatial)
+    units = [_unit_name(u) for _, u in pixel_size] if pixel_size else [None] * len(spatial)
+    group = zarr.open_group(str(root), mode="w", zarr_format=3)
+
+    def create(path: str, level_shape: tuple[int, ...]) -> zarr.Array:
+        ndim = len(level_shape) - 1
+        return group.create_array(
+            path, shape=level_shape, dtype=image.dtype, chunks=(1, *(CHUNK[ndim],) * ndim),
+            shards=(level_shape[0], *(SHARD[ndim],) * ndim), fill_value=0, dimension_names=("c", *axis_names),
+        )
+
+    previous = create("0", shape)
+    for region in block_partition(spatial, previous.shards[1:]):
+        previous[(slice(None), *region.slices())] = np.asarray(image[(slice(None), *region.slices())])
+    for level in range(1, levels):
+        current = create(str(level), (shape[0], *(-(-s // 2) for s in previous.shape[1:])))
+        for region in block_partition(current.shape[1:], current.shards[1:]):
+            window = tuple(slice(2 * a, min(2 * b, s)) for a, b, s in zip(region.start, region.stop, previous.shape[1:]))
+            block = np.asarray(previous[(slice(None), *window)], dtype=np.float32)
+            pads = [(0, 0)] + [(0, 2 * n - have) for n, have in zip(region.shape, block.shape[1:])]
+            block = np.pad(block, pads, mode="edge")
+            cells = block.reshape([shape[0]] + [v for n in region.shape for v in (n, 2)])
+            mean = cells.mean(axis=tuple(range(2, 2 + 2 * len(region.shape), 2)))
+            if np.issubdtype(image.dtype, np.integer):
+                mean = np.rint(mean)
+            current[(slice(None), *region.slices())] = mean.astype(image.dtype)
+        previous = current
+
+    factors = [2**level for level in range(levels)]
+    group.attrs["ome"] = {
+        "version": NGFF_VERSION,
+        "multiscales": [{
+            "name": name,
+            "axes": [{"name": "c", "type": "channel"}]
+            + [{"name": a, "type": "space", **({"unit": u} if u else {})} for a, u in zip(axis_names, units)],
+            "datasets": [
+                {
+                    "path": str(level),
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [1.0] + [s * factor for s in scale]},
+                        {"type": "translation", "translation": [0.0] + [s * (factor - 1) / 2 for s in scale]},
+                    ],
+                }
+                for level, factor in enumerate(factors)
+            ],
+            "type": "mean",
+        }],
+    }
+
+
 def mode_downsample(block: np.ndarray, nodata_label: int) -> np.ndarray:
     """Halve every axis of an even-shaped label block: the most frequent class of each 2x2(x2) cell.
 

@@ -55,9 +55,12 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
     skipped = int(out.split(" skipped")[0].split()[-1])
     assert skipped > 0, "glass tiles are never sent to the model"
 
-    labels_root = tmp_path / "out" / "CMU-1-Small-Region" / "labels.ome.zarr"
-    nodes = list(Reader(parse_url(str(labels_root / "labels" / "slide-net")))())
-    level0 = np.asarray(nodes[0].data[0])
+    labels_root = tmp_path / "out" / "CMU-1-Small-Region" / "image.ome.zarr"
+    level0 = zarr.open_array(str(labels_root / "labels" / "slide-net" / "0"))[:]
+    opened = list(Reader(parse_url(str(labels_root)))())  # what a viewer opening the folder gets
+    assert len(opened) >= 2 and opened[0].data[0].shape == (3, *level0.shape)
+    assert opened[0].data[1].shape == (3, (level0.shape[0] + 1) // 2, (level0.shape[1] + 1) // 2)
+    assert any("labels" in str(node.zarr) for node in opened[1:])
     slide = inspect_slide(SLIDE)
     assert level0.shape == working_shape(slide, *choose_level(slide, 1.0))  # resampled to 1.0 µm/px
     assert level0.shape == (round(2967 * slide.mpp_x), round(2220 * slide.mpp_x))
