@@ -106,11 +106,12 @@ class ImageRun:
         return self.out_root / ".work" / f"{self.name}-{self.key[:12]}"
 
     @property
-    def image_store(self) -> Path:
-        """Where the model reads the image: a Zarr source is used in place, others are ingested."""
+    def image_store(self) -> str:
+        """Where the model reads the image (a path or URL): a Zarr source is used in place (local
+        or s3://), others are ingested."""
         if self.source.kind == "zarr":
-            return Path(self.source.detail.array_path)
-        return self.work_dir / "image.zarr"
+            return self.source.detail.array_path
+        return str(self.work_dir / "image.zarr")
 
     @property
     def store_bands(self) -> tuple[int, ...] | None:
@@ -188,7 +189,7 @@ def segment(run: ImageRun) -> SegmentSummary:
 def segment_store(
     card: ModelCard,
     settings: SegmentSettings,
-    image_store: Path,
+    image_store: str | Path,
     label_store: Path,
     background_mask: np.ndarray | None = None,
     probability_store: Path | None = None,

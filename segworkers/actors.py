@@ -15,6 +15,11 @@ from pipelines.model_card import ModelCard
 from segworkers.predictor import BlockJob, BlockPredictor, BlockResult
 
 BLOCKS_IN_FLIGHT_PER_ACTOR = 2
+# Object-storage settings the driver runs with; actors get the same so they can read s3:// stores.
+STORAGE_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+)
 
 
 def ensure_ray() -> None:
@@ -62,6 +67,9 @@ def segment_blocks(
     count, resources = actor_plan(device, workers, threads)
     if device == "cpu":
         threads = max(1, int(resources["num_cpus"]))
+    env_vars = {name: os.environ[name] for name in STORAGE_ENVIRONMENT if name in os.environ}
+    if env_vars:
+        resources = {**resources, "runtime_env": {"env_vars": env_vars}}
     actors = [
         SegmentationActor.options(**resources).remote(card, device, batch_size, threads)
         for _ in range(min(count, len(jobs)))

@@ -223,3 +223,16 @@ def test_a_volume_on_s3_is_segmented_from_a_cached_copy(ray_cluster, s3, bucket,
     written = nib.load(tmp_path / "out" / "ct" / "labels.nii.gz")
     np.testing.assert_array_equal(written.affine, nib.load(ct).affine)
     assert written.shape == nib.load(ct).shape
+
+
+def test_a_zarr_array_on_s3_is_segmented_in_place(ray_cluster, bucket, sentinel_scene, segmented_scene, tmp_path):
+    from flows.cli import main
+
+    with rasterio.open(sentinel_scene) as src:
+        pixels = src.read()
+    uri = f"s3://{bucket}/arrays/scene.zarr"
+    zarr.create_array(uri, data=pixels, chunks=(6, 64, 64), storage_options=storage.storage_options(uri))
+    assert main(["segment", uri, "--model", "s2-cloud", "--out", str(tmp_path / "out")]) == 0
+    labels = zarr.open_array(str(tmp_path / "out" / "scene" / "labels.ome.zarr" / "labels" / "s2-cloud" / "0"))[:]
+    with rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as reference:
+        np.testing.assert_array_equal(labels, reference.read(1))
