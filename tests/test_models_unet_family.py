@@ -14,7 +14,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from segworkers import models
-from training import center_crop, dice, foreground_iou, nuclei_halves, predict_padded, random_crops, shared_volume, train
+from training import (
+    CT_LABELS, CT_VOLUME, center_crop, dice, foreground_iou, nuclei_halves, predict_padded, random_crops, shared_data, train,
+)
 
 LIVER = 5
 
@@ -294,8 +296,8 @@ def ct_liver() -> tuple[torch.Tensor, torch.Tensor]:
     and its liver mask, cropped in plane to multiples of 8 (101 x 122 -> 96 x 120)."""
     import nibabel
 
-    volume = np.asanyarray(nibabel.load(shared_volume("example_ct_sm.nii.gz")).dataobj).astype(np.float32)
-    labels = np.asanyarray(nibabel.load(shared_volume("example_ct_sm_seg.nii.gz")).dataobj)
+    volume = np.asanyarray(nibabel.load(shared_data(CT_VOLUME)).dataobj).astype(np.float32)
+    labels = np.asanyarray(nibabel.load(shared_data(CT_LABELS)).dataobj)
     x = torch.from_numpy((np.clip(volume, -200, 300) - 50) / 250).permute(2, 1, 0)[None, None]
     liver = torch.from_numpy(labels == LIVER).permute(2, 1, 0).long()
     size = (liver.shape[0], 96, 120)

@@ -16,7 +16,7 @@ from ome_zarr.writer import write_image
 from pipelines import ome_zarr
 from pipelines.errors import InputError
 from pipelines.ome_zarr import write_ome_zarr_labels
-from training import nuclei_halves, shared_volume
+from training import CT_LABELS, nuclei_halves, shared_data
 
 NUCLEI_CLASSES = [(0, "background", (0, 0, 0)), (1, "nucleus", (255, 0, 255))]
 
@@ -33,7 +33,7 @@ def ct_labels() -> np.ndarray:
     """The organ labels as (z, y, x) uint8: NIfTI stores (i, j, k) = (x, y, z)."""
     import nibabel as nib
 
-    volume = nib.load(shared_volume("example_ct_sm_seg.nii.gz"))
+    volume = nib.load(shared_data(CT_LABELS))
     return np.ascontiguousarray(np.asarray(volume.dataobj, dtype=np.uint8).T)
 
 

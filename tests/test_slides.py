@@ -13,16 +13,11 @@ from pipelines.background import mask_shape, tiles_with_data
 from pipelines.errors import InputError
 from pipelines.slides import choose_level, inspect_slide, read_slide_region, tissue_mask, working_shape
 from pipelines.tiling import Region, TileGrid
-
-SLIDES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides"
-
+from training import SLIDE, shared_data
 
 @pytest.fixture(scope="module")
 def slide() -> Path:
-    path = SLIDES / "CMU-1-Small-Region.svs"
-    if not path.exists():
-        pytest.skip(f"real test slide {path} is absent (../shared/data is not beside this checkout)")
-    return path
+    return shared_data(SLIDE)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Every kind of source through `segpipe segment`: a real CT volume to NIfTI with its affine and
 mm³, a real whole-slide image to OME-Zarr labels with µm², tissue detection skipping glass."""
 
-from pathlib import Path
 
 import nibabel as nib
 import rasterio
@@ -16,13 +15,12 @@ from pipelines.stats import read_stats
 from pipelines.tiling import Region
 from pipelines.volumes import inspect_volume, read_volume_region
 from test_stitching import conv_net, reference_labels, torchscript_card
-from training import shared_volume
+from training import CT_VOLUME, SLIDE, shared_data
 
-SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 
 
 def test_a_volume_comes_back_as_nifti_with_the_source_affine(ray_cluster, tmp_path, capsys):
-    ct = shared_volume("example_ct_sm.nii.gz")
+    ct = shared_data(CT_VOLUME)
     card = torchscript_card(tmp_path, conv_net(3, 1, 4), 3, 1, 4, tile=16, overlap=0.5)
     assert main(["segment", str(ct), "--model", str(card), "--out", str(tmp_path / "out"), "--block", "32"]) == 0
     written = nib.load(tmp_path / "out" / "example_ct_sm" / "labels.nii.gz")
@@ -41,8 +39,7 @@ def test_a_volume_comes_back_as_nifti_with_the_source_affine(ray_cluster, tmp_pa
 
 
 def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tmp_path, capsys):
-    if not SLIDE.exists():
-        pytest.skip(f"real test slide {SLIDE} is absent (../shared/data is not beside this checkout)")
+    slide_path = shared_data(SLIDE)
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
@@ -50,7 +47,7 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
     card = yaml.safe_load(card_path.read_text())
     card["input"].update(scale=1 / 255, mean=[0.5] * 3, std=[0.25] * 3, mpp=1.0)
     card_path.write_text(yaml.safe_dump(card))
-    assert main(["segment", str(SLIDE), "--model", str(card_path), "--out", str(tmp_path / "out"), "--tiff"]) == 0
+    assert main(["segment", str(slide_path), "--model", str(card_path), "--out", str(tmp_path / "out"), "--tiff"]) == 0
     out = capsys.readouterr().out
     skipped = int(out.split(" skipped")[0].split()[-1])
     assert skipped > 0, "glass tiles are never sent to the model"
@@ -61,7 +58,7 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
     assert len(opened) >= 2 and opened[0].data[0].shape == (3, *level0.shape)
     assert opened[0].data[1].shape == (3, (level0.shape[0] + 1) // 2, (level0.shape[1] + 1) // 2)
     assert any("labels" in str(node.zarr) for node in opened[1:])
-    slide = inspect_slide(SLIDE)
+    slide = inspect_slide(slide_path)
     assert level0.shape == working_shape(slide, *choose_level(slide, 1.0))  # resampled to 1.0 µm/px
     assert level0.shape == (round(2967 * slide.mpp_x), round(2220 * slide.mpp_x))
     axes = zarr.open_group(str(labels_root / "labels" / "slide-net")).attrs["ome"]["multiscales"][0]["axes"]

@@ -196,9 +196,9 @@ def ct_volume(tmp_path_factory):
     """The real CT volume as a (band, D, H, W) Zarr image, HU clipped and offset to be positive."""
     import nibabel as nib
 
-    from training import shared_volume
+    from training import CT_VOLUME, shared_data
 
-    volume = np.asarray(nib.load(shared_volume("example_ct_sm.nii.gz")).dataobj).astype(np.int16)
+    volume = np.asarray(nib.load(shared_data(CT_VOLUME)).dataobj).astype(np.int16)
     volume = np.transpose(np.clip(volume, -200, 300) + 200, (2, 1, 0))[None].astype(np.uint16)  # (1, D, H, W)
     store = tmp_path_factory.mktemp("ct") / "image.zarr"
     zarr.create_array(store=str(store), data=volume, chunks=(1, 16, 16, 16), attributes={"nodata": None})

@@ -213,9 +213,9 @@ def test_a_volume_on_s3_is_segmented_from_a_cached_copy(ray_cluster, s3, bucket,
 
     from flows.cli import main
     from test_stitching import conv_net, torchscript_card
-    from training import shared_volume
+    from training import CT_VOLUME, shared_data
 
-    ct = shared_volume("example_ct_sm.nii.gz")
+    ct = shared_data(CT_VOLUME)
     s3.upload_file(str(ct), bucket, "volumes/ct.nii.gz")
     card = torchscript_card(tmp_path, conv_net(3, 1, 3), 3, 1, 3, tile=16, overlap=0.5)
     uri = f"s3://{bucket}/volumes/ct.nii.gz"

@@ -13,25 +13,18 @@ import zarr
 from pipelines.errors import InputError
 from pipelines.tiling import Region
 from pipelines.volumes import inspect_volume, read_volume_region, voxel_volume, write_labels_nifti
+from training import CT_LABELS, CT_VOLUME, shared_data
 
-VOLUMES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "volumes"
-
-
-def shared_volume(name: str) -> Path:
-    path = VOLUMES / name
-    if not path.exists():
-        pytest.skip(f"real test volume {path} is absent (../shared/data is not beside this checkout)")
-    return path
 
 
 @pytest.fixture
 def ct() -> Path:
-    return shared_volume("example_ct_sm.nii.gz")
+    return shared_data(CT_VOLUME)
 
 
 @pytest.fixture
 def ct_labels() -> Path:
-    return shared_volume("example_ct_sm_seg.nii.gz")
+    return shared_data(CT_LABELS)
 
 
 def as_dhw(path: Path) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 2D: the nuclei image and label mask that `stardist` ships (512 x 512), as binary foreground;
 the model trains on random crops of the left half and is measured on the right half.
-3D: the CT volume and organ labels in ../shared/data/volumes.
+3D: the CT volume and organ labels in ../shared/data/volumes (shared_data(CT_VOLUME), ...).
 """
 
 from __future__ import annotations
@@ -14,16 +14,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VOLUMES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "volumes"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CT_VOLUME = "volumes/example_ct_sm.nii.gz"
+CT_LABELS = "volumes/example_ct_sm_seg.nii.gz"
+SLIDE = "slides/CMU-1-Small-Region.svs"
 
 
-def shared_volume(name: str) -> Path:
-    """A file of ../shared/data/volumes; the test skips, saying why, when the folder is absent."""
+def shared_data(relative: str) -> Path:
+    """A file of ../shared/data; the test skips, saying why, when the folder is absent."""
     import pytest
 
-    path = VOLUMES / name
+    path = SHARED_DATA / relative
     if not path.exists():
-        pytest.skip(f"real test volume {path} is absent (../shared/data is not beside this checkout)")
+        pytest.skip(f"real test data {path} is absent (../shared/data is not beside this checkout)")
     return path
 
 
