@@ -25,7 +25,6 @@ import numpy as np
 import openslide
 import tifffile
 import tiffslide
-from PIL import Image
 from scipy import ndimage
 
 from pipelines.errors import InputError

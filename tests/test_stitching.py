@@ -145,17 +145,12 @@ def test_tta_averages_flips(ray_cluster, sentinel_scene, tmp_path):
     tta_p = zarr.open_array(str(segment_dir(tmp_path, "tta-s", sentinel_scene, spatial, "--tta") / "probabilities.zarr"))[:]
     assert np.abs(plain_p.astype(int) - tta_p.astype(int)).max() > 0  # and it does change other models
     tta_labels = rasterio.open(tmp_path / "tta-s" / "sentinel2_scene" / "labels.tif").read(1)
-    np.testing.assert_array_equal(tta_labels, reference_labels(spatial, src_pixels(sentinel_scene), tta=True))
+    np.testing.assert_array_equal(tta_labels, reference_labels(spatial, pixels, tta=True))
 
 
 def segment_dir(tmp_path, name, scene, card, *options):
     segment_labels(scene, card, tmp_path / name, "--probabilities", *options)
     return tmp_path / name / scene.stem
-
-
-def src_pixels(scene):
-    with rasterio.open(scene) as src:
-        return src.read([1, 2, 3, 4])
 
 
 def test_tiles_without_data_are_skipped_and_counted(ray_cluster, large_scene, tmp_path, capsys):
