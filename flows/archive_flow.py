@@ -26,6 +26,8 @@ from flows.manifest import is_done
 from pipelines import storage
 from pipelines.errors import InputError
 from pipelines.model_card import load_card
+from pipelines.regions import load_regions
+from pipelines.stats import begin_run, compact
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".nii", ".nii.gz")
 
@@ -52,9 +54,9 @@ def finalize(run: ImageRun) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def record_stats(run: ImageRun, summary: SegmentSummary, run_date: dt.date) -> pa.Table:
-    table = image_run.record_stats(run, summary, run_date)
-    image_run.complete(run, run_date)
+def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: dt.date) -> pa.Table:
+    table = image_run.record_stats(run, summary, run_id, run_date)
+    image_run.complete(run, run_id, run_date)
     return table
 
 
@@ -67,13 +69,25 @@ def segment_archive(
     overlap: float | None = None,
     batch: int | None = None,
     device: str | None = None,
+    run_id: str | None = None,
+    regions: str | None = None,
+    region_id: str | None = None,
 ) -> dict:
-    """Segment each image in `archive` with `model`, writing results and statistics under `out`."""
+    """Segment each image in `archive` with `model`, writing results and statistics under `out`.
+
+    The run id (default: today's date, so a night's re-run resumes the same run) names the
+    run's rows in the statistics."""
     logger = get_run_logger()
     card = load_card(model)
     digest = card.digest()
-    settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, device=device)
-    run_date = dt.date.today()
+    settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, device=device, regions=regions,
+                                region_id=region_id)
+    if regions:
+        load_regions(regions, region_id)  # a bad regions file stops the run before any work
+    stats_root = Path(out) / "stats"
+    compact(stats_root)  # rows an interrupted earlier run left pending
+    run_id = run_id or dt.date.today().isoformat()
+    run_date = begin_run(stats_root, run_id, dt.date.today())
     report: dict = {"done": [], "skipped": [], "failed": {}, "stats": []}
     for uri in discover_images(archive):
         try:
@@ -90,10 +104,12 @@ def segment_archive(
             ingest(run)
             summary = segment(run)
             finalize(run)
-            report["stats"].append(record_stats(run, summary, run_date))
+            report["stats"].append(record_stats(run, summary, run_id, run_date))
             report["done"].append(run.name)
         except InputError as exc:
             image_run.discard(run)
             logger.error("failed: %s", exc)
             report["failed"][uri] = str(exc)
+    compact(stats_root)
+    report["run_id"] = run_id
     return report

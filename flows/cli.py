@@ -1,6 +1,7 @@
 """The `segpipe` command line.
 
     segpipe segment SRC --model CARD --out DIR [--tile N] [--overlap F] [--batch N] [--device cpu|cuda]
+    segpipe stats ROOT [--by class,image,region,run_date] [--change BEFORE AFTER] [--top N --class C] [--sql Q]
     segpipe models list [--classes K] [--bands C]
     segpipe demo [--out DIR]
 
@@ -36,6 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="slides and Zarr sources: also write labels.tif (a tiled TIFF in pixel coordinates)")
     segment.add_argument("--probabilities", action="store_true",
                          help="also write uint8-quantised class probabilities to DIR/<image>/probabilities.zarr")
+    add_statistics_options(segment)
+
+    stats = commands.add_parser("stats", help="areas by class, image, region or run date from an output root's statistics")
+    stats.add_argument("root", help="an output root (local folder or s3:// prefix) or its stats/ folder")
+    stats.add_argument("--by", default="class",
+                       help="comma-separated grouping: class, image, region, run_date, run_id, model (default: class)")
+    stats.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME",
+                       help="only this class (repeatable)")
+    stats.add_argument("--image", dest="images", action="append", default=[], metavar="NAME",
+                       help="only this image, by its stem (repeatable)")
+    stats.add_argument("--model", help="only this model card")
+    stats.add_argument("--run-id", help="only this run")
+    stats.add_argument("--since", type=parse_date, metavar="YYYY-MM-DD", help="only runs on or after this date")
+    stats.add_argument("--until", type=parse_date, metavar="YYYY-MM-DD", help="only runs on or before this date")
+    stats.add_argument("--change", nargs=2, type=parse_date, metavar=("BEFORE", "AFTER"),
+                       help="areas on two run dates side by side, with the change")
+    stats.add_argument("--top", type=int, metavar="N", help="the N images with the largest share of --class")
+    stats.add_argument("--sql", help="a DuckDB query over the views image_class, block_class, region_class")
+    stats.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
 
     models = commands.add_parser("models", help="the model zoo")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -58,11 +78,27 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over all flips")
 
 
+def add_statistics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-id", help="the run's name in the statistics (default: today's date); "
+                                         "re-running a run id replaces its own rows")
+    parser.add_argument("--regions", help="a GeoPackage or GeoJSON of regions: also write per region x class areas")
+    parser.add_argument("--region-id", help="the regions' id field (default: 'id' or 'name', else the feature id)")
+
+
+def parse_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "segment":
             return segment_command(args)
+        if args.command == "stats":
+            return stats_command(args)
         if args.command == "models":
             return models_list_command(args)
         return demo_command(args)
@@ -75,22 +111,58 @@ def segment_command(args: argparse.Namespace) -> int:
     from flows.image_run import LABEL_OUTPUTS, plan_image, resolve_settings, run_image
     from flows.report import print_area_table
     from pipelines.model_card import load_card
+    from pipelines.regions import load_regions
+    from pipelines.stats import begin_run, compact, validate_run_id
 
     card = load_card(args.model)
     settings = resolve_settings(
         card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block, device=args.device,
         workers=args.workers, blending=args.blending, tta=args.tta, probabilities=args.probabilities,
-        label_tiff=args.tiff,
+        label_tiff=args.tiff, regions=args.regions, region_id=args.region_id,
     )
+    run_id = validate_run_id(args.run_id or dt.date.today().isoformat())
+    if args.regions:
+        load_regions(args.regions, args.region_id)
     run = plan_image(args.src, card, settings, args.out, card.digest())
     shape = " x ".join(str(s) for s in reversed(run.source.shape))
     console.print(f"segmenting {run.source.kind} {run.source.uri} ({shape}) with {card.name} on {settings.device}")
-    summary, stats = run_image(run, dt.date.today())
+    stats_root = run.out_root / "stats"
+    run_date = begin_run(stats_root, run_id, dt.date.today())
+    summary, stats = run_image(run, run_id, run_date)
+    compact(stats_root)
     print(f"labels:  {run.output_dir / LABEL_OUTPUTS[run.source.kind]}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
     if settings.probabilities:
         print(f"probabilities: {run.output_dir / 'probabilities.zarr'} (uint8, probability x 255)")
     print(f"tiles:   {summary.tiles - summary.tiles_skipped} segmented, {summary.tiles_skipped} skipped (no valid pixels)")
     print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
+    return 0
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    from flows.report import print_query_result
+    from pipelines import stats_query
+
+    root = str(args.root).rstrip("/")
+    stats_root = root if root.endswith("/stats") or root == "stats" else f"{root}/stats"
+    con = stats_query.connect(stats_root)
+    if args.sql:
+        print_query_result(stats_query.sql(con, args.sql), args.format, title=args.sql)
+        return 0
+    filters = stats_query.Filters(tuple(args.classes), tuple(args.images), args.model, args.run_id, args.since, args.until)
+    by = [b.strip() for b in args.by.split(",") if b.strip()]
+    if args.top is not None:
+        if len(args.classes) != 1:
+            raise InputError("--top", "name exactly one --class to rank the images by")
+        result = stats_query.top_images(con, args.classes[0], args.top, filters)
+        title = f"top {args.top} images by {args.classes[0]} share"
+    elif args.change:
+        before, after = args.change
+        result = stats_query.changes(con, before, after, by, filters)
+        title = f"change by {', '.join(by)} from {before} to {after}"
+    else:
+        result = stats_query.areas_by(con, by, filters)
+        title = f"areas by {', '.join(by)} ({stats_root})"
+    print_query_result(result, args.format, title=title)
     return 0
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from flows.manifest import image_key, mark_done
 from flows.progress import stage_progress
+from pipelines import storage
 from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
 from pipelines.cog import write_labels_cog
@@ -28,7 +29,11 @@ from pipelines.slides import tissue_mask
 from pipelines.sources import SourceInfo, inspect_source, resolve_bands, source_areas
 from pipelines.volumes import write_labels_nifti
 from pipelines.areas import PixelAreas
-from pipelines.stats import class_area_table, write_stats
+from pipelines.regions import RegionSet, load_regions, region_class_counts
+from pipelines.stats import (
+    BlockCounts, ImageInfo, RunInfo, block_class_table, image_class_table, image_file_id, region_class_table,
+    write_image_rows,
+)
 from pipelines.background import tiles_with_data
 from pipelines.tiling import TileGrid, block_partition
 from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_source, shard_regions
@@ -53,11 +58,19 @@ class SegmentSettings:
     label_tiff: bool = False
     """Also write labels.tif for sources whose labels go to OME-Zarr (slides, Zarr)."""
     workers: int | None = None
+    regions: str | None = None
+    """A vector file (GeoPackage, GeoJSON) of regions to count classes in."""
+    region_id: str | None = None
+    """The regions' id field (default: 'id' or 'name' if there is one, else the feature id)."""
 
     def affecting_output(self) -> dict:
-        """The settings that change the outputs; block size and worker count never do."""
-        return {"tile": self.tile, "overlap": self.overlap, "blending": self.blending, "tta": self.tta,
-                "probabilities": self.probabilities}
+        """The settings that change the outputs or statistics; block size and worker count never do."""
+        settings = {"tile": self.tile, "overlap": self.overlap, "blending": self.blending, "tta": self.tta,
+                    "probabilities": self.probabilities}
+        if self.regions:  # the regions file's identity too: editing it changes the region statistics
+            settings["regions"] = {"file": str(Path(self.regions).resolve()), "version": storage.stat(self.regions),
+                                   "id": self.region_id}
+        return settings
 
 
 def resolve_settings(
@@ -72,6 +85,8 @@ def resolve_settings(
     tta: bool = False,
     probabilities: bool = False,
     label_tiff: bool = False,
+    regions: str | None = None,
+    region_id: str | None = None,
 ) -> SegmentSettings:
     tile = tile or card.tile_size
     if card.fixed_tile_size and tile != card.tile_size:
@@ -84,6 +99,7 @@ def resolve_settings(
     return SegmentSettings(
         tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card),
         blending=blending, tta=tta, probabilities=probabilities, label_tiff=label_tiff, workers=workers,
+        regions=str(regions) if regions else None, region_id=region_id,
     )
 
 
@@ -169,6 +185,8 @@ class SegmentSummary:
     """Tiles with no valid pixel, never sent to the model."""
     class_areas: np.ndarray | None = None
     area_unit: str = "px"
+    blocks: tuple[BlockCounts, ...] = ()
+    """Per output block: its bounds and the class counts and areas its worker wrote."""
 
 
 def segment(run: ImageRun) -> SegmentSummary:
@@ -234,7 +252,10 @@ def segment_store(
     counts = np.sum([r.class_counts for r in results], axis=0)
     if areas is None:
         return SegmentSummary(counts, len(grid), skipped)
-    return SegmentSummary(counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit)
+    blocks = tuple(BlockCounts(r.block.start, r.block.stop, r.class_counts, r.class_areas) for r in results)
+    return SegmentSummary(
+        counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit, blocks,
+    )
 
 
 LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "image.ome.zarr", "volume": "labels.nii.gz", "zarr": "labels.ome.zarr"}
@@ -290,20 +311,62 @@ def label_pixel_size(source: SourceInfo) -> tuple[tuple[float, str], ...] | None
     return None
 
 
-def record_stats(run: ImageRun, summary: SegmentSummary, run_date: dt.date) -> pa.Table:
-    table = class_area_table(
-        run.name, run.source.uri, summary.class_counts, run.card.classes, summary.class_areas, summary.area_unit,
-        run.card.name, run.card.version, run_date,
-    )
-    write_stats(table, run.out_root / "stats", basename=f"{run.name}-{run.key[:16]}")
-    return table
+def run_info(run: ImageRun, run_id: str, run_date: dt.date) -> RunInfo:
+    settings = run.settings
+    return RunInfo(run_id, run_date, run.card.name, run.card.version, run.card.digest(), settings.tile,
+                   settings.overlap, settings.blending, settings.tta)
 
 
-def complete(run: ImageRun, run_date: dt.date) -> None:
+def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: dt.date) -> pa.Table:
+    """Write the image's rows (per class, per block x class, per region x class) to the
+    statistics dataset as pending rows of the run; returns the per-class rows."""
+    image = ImageInfo(run.name, run.source.uri, run.key, summary.area_unit)
+    info = run_info(run, run_id, run_date)
+    classes = run.card.classes
+    georeferenced = run.source.kind == "scene" and run.source.detail.crs_wkt
+    tables = {
+        "image_class": image_class_table(image, info, classes, summary.class_counts, summary.class_areas),
+        "block_class": block_class_table(
+            image, info, classes, summary.blocks,
+            transform=run.source.detail.transform if georeferenced else None,
+            crs=crs_name(run.source.detail.crs_wkt) if georeferenced else None,
+        ),
+    }
+    if run.settings.regions:
+        regions = load_regions(run.settings.regions, run.settings.region_id)
+        tables["region_class"] = region_class_table(image, info, classes, regions.source, count_regions(run, regions))
+    write_image_rows(run.out_root / "stats", run_id, run_date, image_file_id(run.source.uri, run.name), tables)
+    return tables["image_class"]
+
+
+def count_regions(run: ImageRun, regions: RegionSet) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    import zarr
+
+    if len(run.source.shape) != 2:
+        raise InputError(regions.source, "region statistics need a 2D image, not a volume")
+    crs_wkt, transform = None, None
+    if run.source.kind == "scene":
+        crs_wkt, transform = run.source.detail.crs_wkt, run.source.detail.transform
+    labels = zarr.open_array(str(run.label_store), mode="r")
+    areas = source_areas(run.source)
+    counted = region_class_counts(regions, labels, crs_wkt, transform, run.card.num_classes, areas.row_areas)
+    return [(r.region, r.counts, r.areas) for r in counted]
+
+
+def crs_name(crs_wkt: str) -> str:
+    """EPSG:xxxx where the CRS has such a code, else its WKT."""
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(crs_wkt)
+    code = crs.to_epsg()
+    return f"EPSG:{code}" if code else crs_wkt
+
+
+def complete(run: ImageRun, run_id: str, run_date: dt.date) -> None:
     mark_done(
         run.out_root,
         run.key,
-        {"image": run.name, "uri": run.source.uri, "model": run.card.name, "run_date": run_date,
+        {"image": run.name, "uri": run.source.uri, "model": run.card.name, "run_id": run_id, "run_date": run_date,
          "outputs": [str(run.output_dir / LABEL_OUTPUTS[run.source.kind]), str(run.output_dir / "preview.png")]},
     )
     shutil.rmtree(run.work_dir, ignore_errors=True)
@@ -314,13 +377,13 @@ def discard(run: ImageRun) -> None:
     shutil.rmtree(run.work_dir, ignore_errors=True)
 
 
-def run_image(run: ImageRun, run_date: dt.date) -> tuple[SegmentSummary, pa.Table]:
+def run_image(run: ImageRun, run_id: str, run_date: dt.date) -> tuple[SegmentSummary, pa.Table]:
     try:
         ingest(run)
         summary = segment(run)
         finalize(run)
-        table = record_stats(run, summary, run_date)
-        complete(run, run_date)
+        table = record_stats(run, summary, run_id, run_date)
+        complete(run, run_id, run_date)
         return summary, table
     except BaseException:
         discard(run)

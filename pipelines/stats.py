@@ -1,80 +1,345 @@
-"""Per-class areas: class pixel counts turned into physical areas, appended to a Parquet dataset.
+"""The statistics dataset: per-class counts and areas in Parquet, one folder per table, one
+partition per run date, one file per run.
 
-The dataset under <out>/stats/ is hive-partitioned by run_date. Each image of a run writes its
-own file, named by the image key, so re-running the same image on the same date replaces its
-rows instead of duplicating them, and other nights are never rewritten.
+    <out>/stats/image_class/run_date=YYYY-MM-DD/<run_id>.parquet     per image x class
+    <out>/stats/block_class/run_date=YYYY-MM-DD/<run_id>.parquet     per output block x class
+    <out>/stats/region_class/run_date=YYYY-MM-DD/<run_id>.parquet    per region x class (with --regions)
+    <out>/stats/<table>/run_date=.../_pending/<run_id>/<image>.parquet   rows of images a run has finished
+    <out>/stats/_runs/<run_id>.json                                   the run's date, fixed at its first start
+
+An image's rows are written to `_pending/` when it finishes (one small file per image and
+table, so a crashed run keeps what it finished); `compact` folds a run's pending files into its
+one file per partition, replacing that run's earlier rows of the same images. A night never
+rewrites another night's file, and re-running a run id replaces only its own rows. Readers
+(`read_table`, the DuckDB views) see compacted rows plus pending ones, the pending rows of a
+(run, image) superseding compacted ones, so nothing is counted twice at any moment.
+
+`run_date` is stored in the files as a column too (the folder names are for people and hive
+tools); every file carries its schema version in the Parquet key-value metadata. Schema changes
+are additive only: a new version adds columns, older files read with nulls in them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from pipelines import storage
+from pipelines.errors import InputError
 from pipelines.model_card import ClassInfo
 
-STATS_SCHEMA = pa.schema(
-    [
-        ("image", pa.string()),
-        ("image_uri", pa.string()),
-        ("class_id", pa.int16()),
-        ("class_name", pa.string()),
-        ("pixel_count", pa.int64()),
-        ("valid_pixels", pa.int64()),
-        ("area", pa.float64()),
-        ("area_unit", pa.string()),
-        ("model", pa.string()),
-        ("model_version", pa.string()),
-        ("run_date", pa.date32()),
-    ]
+SCHEMA_VERSION = 2
+SCHEMA_VERSION_KEY = b"segpipe.stats.schema_version"
+
+_RUN_COLUMNS = [
+    ("model", pa.string()),
+    ("model_version", pa.string()),
+    ("model_digest", pa.string()),
+    ("run_id", pa.string()),
+    ("run_date", pa.date32()),
+]
+_IMAGE_COLUMNS = [("image", pa.string()), ("image_uri", pa.string()), ("image_key", pa.string())]
+_CLASS_COLUMNS = [("class_id", pa.int16()), ("class_name", pa.string()), ("pixel_count", pa.int64())]
+_AREA_COLUMNS = [("area", pa.float64()), ("area_unit", pa.string())]
+
+IMAGE_CLASS_SCHEMA = pa.schema(
+    _IMAGE_COLUMNS
+    + _CLASS_COLUMNS
+    + [("valid_pixels", pa.int64())]
+    + _AREA_COLUMNS
+    + _RUN_COLUMNS
+    + [("tile", pa.int32()), ("overlap", pa.float64()), ("blending", pa.string()), ("tta", pa.bool_())]
 )
-PARTITIONING = ds.partitioning(pa.schema([("run_date", pa.date32())]), flavor="hive")
+BLOCK_CLASS_SCHEMA = pa.schema(
+    _IMAGE_COLUMNS
+    + [
+        ("slice_start", pa.int64()), ("slice_stop", pa.int64()),
+        ("row_start", pa.int64()), ("row_stop", pa.int64()),
+        ("col_start", pa.int64()), ("col_stop", pa.int64()),
+        ("min_x", pa.float64()), ("min_y", pa.float64()), ("max_x", pa.float64()), ("max_y", pa.float64()),
+        ("crs", pa.string()),
+    ]
+    + _CLASS_COLUMNS
+    + [("valid_pixels", pa.int64())]
+    + _AREA_COLUMNS
+    + _RUN_COLUMNS
+)
+REGION_CLASS_SCHEMA = pa.schema(
+    _IMAGE_COLUMNS
+    + [("region", pa.string()), ("regions_file", pa.string())]
+    + _CLASS_COLUMNS
+    + [("region_pixels", pa.int64())]
+    + _AREA_COLUMNS
+    + _RUN_COLUMNS
+)
+TABLES = {"image_class": IMAGE_CLASS_SCHEMA, "block_class": BLOCK_CLASS_SCHEMA, "region_class": REGION_CLASS_SCHEMA}
+# Row order inside a run's file, so that the same rows always give the same bytes.
+SORT_KEYS = {
+    "image_class": ["image_uri", "class_id"],
+    "block_class": ["image_uri", "slice_start", "row_start", "col_start", "class_id"],
+    "region_class": ["image_uri", "regions_file", "region", "class_id"],
+}
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def class_area_table(
-    image: str,
-    image_uri: str,
-    counts: np.ndarray,
-    classes: tuple[ClassInfo, ...],
-    class_areas: np.ndarray,
-    area_unit: str,
-    model: str,
-    model_version: str,
-    run_date: dt.date,
-) -> pa.Table:
+@dataclass(frozen=True)
+class RunInfo:
+    """What every row of one image in one run shares."""
+
+    run_id: str
+    run_date: dt.date
+    model: str
+    model_version: str
+    model_digest: str
+    tile: int
+    overlap: float
+    blending: str
+    tta: bool
+
+    def run_columns(self) -> dict:
+        return {"model": self.model, "model_version": self.model_version, "model_digest": self.model_digest,
+                "run_id": self.run_id, "run_date": self.run_date}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    image: str
+    image_uri: str
+    image_key: str
+    area_unit: str
+
+    def columns(self) -> dict:
+        return {"image": self.image, "image_uri": self.image_uri, "image_key": self.image_key}
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """One output block's class counts and areas, from the labels its worker wrote."""
+
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    class_counts: np.ndarray
+    class_areas: np.ndarray
+
+
+def image_class_table(image: ImageInfo, run: RunInfo, classes: Sequence[ClassInfo],
+                      counts: np.ndarray, areas: np.ndarray) -> pa.Table:
     valid = int(counts.sum())
     rows = [
-        {
-            "image": image,
-            "image_uri": image_uri,
-            "class_id": c.id,
-            "class_name": c.name,
-            "pixel_count": int(counts[c.id]),
-            "valid_pixels": valid,
-            "area": float(class_areas[c.id]),
-            "area_unit": area_unit,
-            "model": model,
-            "model_version": model_version,
-            "run_date": run_date,
-        }
+        {**image.columns(), "class_id": c.id, "class_name": c.name, "pixel_count": int(counts[c.id]),
+         "valid_pixels": valid, "area": float(areas[c.id]), "area_unit": image.area_unit, **run.run_columns(),
+         "tile": run.tile, "overlap": run.overlap, "blending": run.blending, "tta": run.tta}
         for c in classes
     ]
-    return pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=IMAGE_CLASS_SCHEMA)
 
 
-def write_stats(table: pa.Table, root: Path, basename: str) -> None:
-    ds.write_dataset(
-        table,
-        root,
-        format="parquet",
-        partitioning=PARTITIONING,
-        basename_template=f"{basename}-{{i}}.parquet",
-        existing_data_behavior="overwrite_or_ignore",
-    )
+def block_class_table(image: ImageInfo, run: RunInfo, classes: Sequence[ClassInfo], blocks: Sequence[BlockCounts],
+                      transform: tuple[float, ...] | None = None, crs: str | None = None) -> pa.Table:
+    """Rows per block x class. With a transform (2D scenes), the block's bounds in map coordinates."""
+    rows = []
+    for block in blocks:
+        bounds = _block_columns(block, transform)
+        valid = int(block.class_counts.sum())
+        for c in classes:
+            rows.append({
+                **image.columns(), **bounds, "crs": crs if transform is not None else None,
+                "class_id": c.id, "class_name": c.name, "pixel_count": int(block.class_counts[c.id]),
+                "valid_pixels": valid, "area": float(block.class_areas[c.id]), "area_unit": image.area_unit,
+                **run.run_columns(),
+            })
+    return pa.Table.from_pylist(rows, schema=BLOCK_CLASS_SCHEMA)
 
 
-def read_stats(root: Path) -> pa.Table:
-    return ds.dataset(root, format="parquet", partitioning=PARTITIONING, schema=STATS_SCHEMA).to_table()
+def _block_columns(block: BlockCounts, transform: tuple[float, ...] | None) -> dict:
+    columns = dict.fromkeys(("slice_start", "slice_stop", "min_x", "min_y", "max_x", "max_y"))
+    if len(block.start) == 3:
+        columns["slice_start"], columns["slice_stop"] = block.start[0], block.stop[0]
+    (row_start, col_start), (row_stop, col_stop) = block.start[-2:], block.stop[-2:]
+    columns.update(row_start=row_start, row_stop=row_stop, col_start=col_start, col_stop=col_stop)
+    if transform is not None:
+        a, b, c, d, e, f = transform[:6]
+        corners = [(col, row) for col in (col_start, col_stop) for row in (row_start, row_stop)]
+        xs = [c + a * col + b * row for col, row in corners]
+        ys = [f + d * col + e * row for col, row in corners]
+        columns.update(min_x=min(xs), min_y=min(ys), max_x=max(xs), max_y=max(ys))
+    return columns
+
+
+def region_class_table(image: ImageInfo, run: RunInfo, classes: Sequence[ClassInfo], regions_file: str,
+                       regions: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> pa.Table:
+    """Rows per region x class from (region id, class counts, class areas)."""
+    rows = [
+        {**image.columns(), "region": region, "regions_file": regions_file, "class_id": c.id, "class_name": c.name,
+         "pixel_count": int(counts[c.id]), "region_pixels": int(counts.sum()), "area": float(areas[c.id]),
+         "area_unit": image.area_unit, **run.run_columns()}
+        for region, counts, areas in regions
+        for c in classes
+    ]
+    return pa.Table.from_pylist(rows, schema=REGION_CLASS_SCHEMA)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise InputError(run_id, "a run id is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return run_id
+
+
+def begin_run(stats_root: str | Path, run_id: str, run_date: dt.date) -> dt.date:
+    """Register a run and return its date: the date of its first start, so that re-running a
+    run id on a later day replaces its rows in the same partition."""
+    validate_run_id(run_id)
+    record = f"{_root(stats_root)}/_runs/{run_id}.json"
+    fs, path = storage.filesystem(record)
+    if fs.exists(path):
+        with fs.open(path, "r") as handle:
+            return dt.date.fromisoformat(json.load(handle)["run_date"])
+    _write_bytes(record, json.dumps({"run_id": run_id, "run_date": run_date.isoformat()}).encode())
+    return run_date
+
+
+def image_file_id(image_uri: str, image: str) -> str:
+    """A file name for an image's pending rows: its stem plus a hash of its URI (stems repeat
+    across folders)."""
+    digest = hashlib.sha256(image_uri.encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', image)[:80]}-{digest}"
+
+
+def write_image_rows(stats_root: str | Path, run_id: str, run_date: dt.date, image_id: str,
+                     tables: dict[str, pa.Table]) -> None:
+    """Write one finished image's rows, a pending file per table; re-writing the same image in
+    the same run replaces them."""
+    for name, table in tables.items():
+        path = f"{_partition(stats_root, name, run_date)}/_pending/{run_id}/{image_id}.parquet"
+        _write_parquet(path, table.cast(TABLES[name]))
+
+
+def compact(stats_root: str | Path) -> int:
+    """Fold every pending file into its run's file; returns the number of pending files folded.
+
+    Safe to interrupt anywhere: the run's file is replaced whole, pending files are deleted
+    only after, and folding the same pending file twice gives the same rows."""
+    folded = 0
+    for name in TABLES:
+        by_run: dict[str, list[str]] = {}
+        for path in _glob(f"{_root(stats_root)}/{name}/run_date=*/_pending/*/*.parquet"):
+            by_run.setdefault(path.rsplit("/", 1)[0], []).append(path)
+        for run_dir, pending in sorted(by_run.items()):
+            # <partition>/_pending/<run_id>: string operations, a URI's "//" must survive
+            partition, _, run_id = run_dir.rsplit("/", 2)
+            run_file = f"{partition}/{run_id}.parquet"
+            fresh = pa.concat_tables([_read_parquet(p, TABLES[name]) for p in sorted(pending)])
+            if _exists(run_file):
+                earlier = _read_parquet(run_file, TABLES[name])
+                replaced = pc.is_in(earlier["image_uri"], value_set=pc.unique(fresh["image_uri"]))
+                fresh = pa.concat_tables([earlier.filter(pc.invert(replaced)), fresh])
+            _write_parquet(run_file, fresh.sort_by([(key, "ascending") for key in SORT_KEYS[name]]))
+            for path in pending:
+                _remove(path)
+            folded += len(pending)
+    return folded
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def table_files(stats_root: str | Path, name: str) -> tuple[list[str], list[str]]:
+    """(compacted run files, pending image files) of one table, as URIs or local paths."""
+    base = f"{_root(stats_root)}/{name}"
+    return _glob(f"{base}/run_date=*/*.parquet"), _glob(f"{base}/run_date=*/_pending/*/*.parquet")
+
+
+def read_table(stats_root: str | Path, name: str = "image_class") -> pa.Table:
+    """Every row of a table, pending rows superseding compacted rows of the same run and image."""
+    schema = TABLES[name]
+    compacted, pending = table_files(stats_root, name)
+    rows = [_read_parquet(p, schema) for p in compacted]
+    fresh = pa.concat_tables([_read_parquet(p, schema) for p in pending]) if pending else schema.empty_table()
+    if fresh.num_rows:
+        superseded = set(zip(fresh["run_id"].to_pylist(), fresh["image_uri"].to_pylist()))
+        rows = [t.filter(pa.array([(r, u) not in superseded for r, u in zip(t["run_id"].to_pylist(), t["image_uri"].to_pylist())], pa.bool_()))
+                for t in rows]
+    return pa.concat_tables(rows + [fresh]) if rows else fresh
+
+
+def read_stats(stats_root: str | Path) -> pa.Table:
+    """The per image x class rows."""
+    return read_table(stats_root, "image_class")
+
+
+def schema_version(path: str) -> int | None:
+    """The schema version a Parquet file of the dataset was written with."""
+    fs, local = storage.filesystem(path)
+    with fs.open(local, "rb") as handle:
+        metadata = pq.read_schema(handle).metadata or {}
+    value = metadata.get(SCHEMA_VERSION_KEY)
+    return int(value) if value is not None else None
+
+
+# --- storage ---------------------------------------------------------------------------------
+
+def _root(stats_root: str | Path) -> str:
+    return str(stats_root).rstrip("/")
+
+
+def _partition(stats_root: str | Path, name: str, run_date: dt.date) -> str:
+    return f"{_root(stats_root)}/{name}/run_date={run_date.isoformat()}"
+
+
+def _glob(pattern: str) -> list[str]:
+    fs, path = storage.filesystem(pattern)
+    found = fs.glob(path)
+    return sorted(fs.unstrip_protocol(p) if storage.is_remote(pattern) else p for p in found)
+
+
+def _exists(path: str) -> bool:
+    fs, local = storage.filesystem(path)
+    return fs.exists(local)
+
+
+def _remove(path: str) -> None:
+    fs, local = storage.filesystem(path)
+    fs.rm(local)
+
+
+def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
+    fs, local = storage.filesystem(path)
+    with fs.open(local, "rb") as handle:
+        table = pq.read_table(handle)
+    # Files of an older schema version lack the newer columns: they read as nulls.
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _write_parquet(path: str, table: pa.Table) -> None:
+    table = table.replace_schema_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    _write_bytes(path, buffer.getvalue())
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file: locally through a temporary name and a rename, on object storage in
+    one PUT; either way no reader ever sees half a file."""
+    if storage.is_remote(path):
+        fs, key = storage.filesystem(path)
+        fs.pipe_file(key, data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)

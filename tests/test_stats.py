@@ -1,0 +1,297 @@
+"""The statistics dataset (per image x class, per block x class) and `segpipe stats`, over real
+segmentations of the Sentinel-2 scene and over generated nights."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+
+from flows.benchmarks.stats_query import FIRST_NIGHT, PIXEL_AREA, generate_dataset, run_queries
+from flows.cli import main
+from pipelines.stats import (
+    SCHEMA_VERSION, TABLES, begin_run, compact, read_table, schema_version, table_files, write_image_rows,
+)
+
+# Every released schema version, frozen: the dataset may only ever add columns.
+RELEASED_SCHEMAS = {
+    1: {
+        "image_class": {"image": "string", "image_uri": "string", "class_id": "int16", "class_name": "string",
+                        "pixel_count": "int64", "valid_pixels": "int64", "area": "double", "area_unit": "string",
+                        "model": "string", "model_version": "string", "run_date": "date32[day]"},
+    },
+    2: {
+        "image_class": {"image": "string", "image_uri": "string", "image_key": "string", "class_id": "int16", "class_name": "string", "pixel_count": "int64", "valid_pixels": "int64", "area": "double", "area_unit": "string", "model": "string", "model_version": "string", "model_digest": "string", "run_id": "string", "run_date": "date32[day]", "tile": "int32", "overlap": "double", "blending": "string", "tta": "bool"},  # noqa: E501
+        "block_class": {"image": "string", "image_uri": "string", "image_key": "string", "slice_start": "int64", "slice_stop": "int64", "row_start": "int64", "row_stop": "int64", "col_start": "int64", "col_stop": "int64", "min_x": "double", "min_y": "double", "max_x": "double", "max_y": "double", "crs": "string", "class_id": "int16", "class_name": "string", "pixel_count": "int64", "valid_pixels": "int64", "area": "double", "area_unit": "string", "model": "string", "model_version": "string", "model_digest": "string", "run_id": "string", "run_date": "date32[day]"},  # noqa: E501
+        "region_class": {"image": "string", "image_uri": "string", "image_key": "string", "region": "string", "regions_file": "string", "class_id": "int16", "class_name": "string", "pixel_count": "int64", "region_pixels": "int64", "area": "double", "area_unit": "string", "model": "string", "model_version": "string", "model_digest": "string", "run_id": "string", "run_date": "date32[day]"},  # noqa: E501
+    },
+}
+
+
+def segment(scene: Path, out: Path, *options: str) -> None:
+    assert main(["segment", str(scene), "--model", "s2-cloud", "--out", str(out), *options]) == 0
+
+
+def stats_cli(capsys, *arguments: str) -> str:
+    capsys.readouterr()  # drop what came before
+    assert main(["stats", *arguments]) == 0
+    return capsys.readouterr().out
+
+
+def key_rows(table: pa.Table, *columns: str) -> list[tuple]:
+    return sorted(zip(*(table[c].to_pylist() for c in columns)))
+
+
+def test_released_schemas_only_ever_gain_columns():
+    assert max(RELEASED_SCHEMAS) == SCHEMA_VERSION
+    for version, tables in RELEASED_SCHEMAS.items():
+        for name, columns in tables.items():
+            current = {f.name: str(f.type) for f in TABLES[name]}
+            for column, type_name in columns.items():
+                assert current.get(column) == type_name, f"v{version} {name}.{column} was removed or changed type"
+
+
+def test_block_and_image_rows_equal_a_recount_of_the_written_labels(ray_cluster, sentinel_scene, tmp_path):
+    out = tmp_path / "out"
+    segment(sentinel_scene, out, "--block", "256", "--run-id", "recount")
+    with rasterio.open(out / "sentinel2_scene" / "labels.tif") as dataset:
+        labels, transform, crs = dataset.read(1), dataset.transform, dataset.crs
+    valid = labels != 255
+    recount = np.bincount(labels[valid], minlength=3)
+
+    images = read_table(out / "stats", "image_class").sort_by("class_id")
+    assert images["pixel_count"].to_pylist() == recount.tolist()
+    assert set(images["valid_pixels"].to_pylist()) == {int(valid.sum())}
+    assert np.allclose(images["area"].to_numpy(), recount * abs(transform.a * transform.e))
+    assert images["run_id"].to_pylist() == ["recount"] * 3
+    assert set(images["tile"].to_pylist()) == {256} and set(images["blending"].to_pylist()) == {"gaussian"}
+    assert len(set(images["image_key"].to_pylist())) == 1
+
+    blocks = read_table(out / "stats", "block_class")
+    spans = sorted({(r["row_start"], r["row_stop"], r["col_start"], r["col_stop"]) for r in blocks.to_pylist()})
+    assert spans == [(0, 200, 0, 256), (0, 200, 256, 300)], "one block per 256-px shard, clipped to the image"
+    for row in blocks.to_pylist():
+        window = labels[row["row_start"] : row["row_stop"], row["col_start"] : row["col_stop"]]
+        assert row["pixel_count"] == int((window == row["class_id"]).sum())
+        assert row["valid_pixels"] == int((window != 255).sum())
+        assert row["crs"] == f"EPSG:{crs.to_epsg()}"
+        left, top = transform @ (row["col_start"], row["row_start"])
+        right, bottom = transform @ (row["col_stop"], row["row_stop"])
+        assert (row["min_x"], row["max_x"], row["min_y"], row["max_y"]) == pytest.approx((left, right, bottom, top))
+    per_class = blocks.group_by("class_id").aggregate([("pixel_count", "sum"), ("area", "sum")]).sort_by("class_id")
+    assert per_class["pixel_count_sum"].to_pylist() == recount.tolist()
+    assert np.allclose(per_class["area_sum"].to_numpy(), images["area"].to_numpy())
+
+    compacted, pending = table_files(out / "stats", "image_class")
+    assert [Path(p).name for p in compacted] == ["recount.parquet"] and pending == []
+    assert schema_version(compacted[0]) == SCHEMA_VERSION
+
+
+def test_two_nights_appended_and_a_rerun_give_exactly_the_expected_rows(ray_cluster, sentinel_scene, tmp_path):
+    out = tmp_path / "out"
+    stats_root = out / "stats"
+    scenes = []
+    for name in ("field-a", "field-b"):
+        scenes.append(tmp_path / f"{name}.tif")
+        shutil.copy(sentinel_scene, scenes[-1])
+    # The runs' dates are fixed at their first start: register two past nights.
+    begin_run(stats_root, "night-1", dt.date(2026, 11, 1))
+    begin_run(stats_root, "night-2", dt.date(2026, 11, 2))
+
+    for scene in scenes:
+        segment(scene, out, "--run-id", "night-1")
+    night_1 = stats_root / "image_class" / "run_date=2026-11-01" / "night-1.parquet"
+    night_1_bytes = night_1.read_bytes()
+    for scene in scenes:
+        segment(scene, out, "--run-id", "night-2")
+    night_2 = stats_root / "image_class" / "run_date=2026-11-02" / "night-2.parquet"
+    assert night_1.read_bytes() == night_1_bytes, "appending a night rewrote an earlier one"
+    night_2_bytes = night_2.read_bytes()
+
+    segment(scenes[0], out, "--run-id", "night-1")  # re-run one image of the first night
+    assert night_2.read_bytes() == night_2_bytes, "re-running night-1 touched night-2"
+    assert night_1.read_bytes() == night_1_bytes, "the re-run replaced its rows with identical ones"
+
+    for name in ("image_class", "block_class"):
+        table = read_table(stats_root, name)
+        keys = key_rows(table, "run_id", "image", "class_id")
+        assert len(keys) == len(set(keys)) == 2 * 2 * 3, name
+        assert {(r, str(d)) for r, d in key_rows(table, "run_id", "run_date")} == {
+            ("night-1", "2026-11-01"), ("night-2", "2026-11-02")}
+
+
+def test_an_interrupted_compaction_never_counts_an_image_twice(tmp_path):
+    stats_root = tmp_path / "stats"
+    generate_dataset(stats_root, images=6, classes=4, nights=1)
+    run_file = next((stats_root / "image_class").rglob("*.parquet"))
+    before = run_file.read_bytes()
+    rows = read_table(stats_root)
+
+    # As if a compaction had replaced the run file and died before deleting the pending file.
+    some = rows.filter(pc.is_in(rows["image"], pa.array(["scene00001", "scene00004"])))
+    write_image_rows(stats_root, rows["run_id"][0].as_py(), FIRST_NIGHT, "generated", {"image_class": some})
+    assert table_files(stats_root, "image_class")[1], "a pending file is there"
+    assert key_rows(read_table(stats_root), "image", "class_id") == key_rows(rows, "image", "class_id")
+    assert compact(stats_root) == 1
+    assert run_file.read_bytes() == before
+
+
+def test_files_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
+    stats_root = tmp_path / "stats"
+    generate_dataset(stats_root, images=3, classes=2, nights=1)
+    current = read_table(stats_root)
+    older = current.select(list(RELEASED_SCHEMAS[1]["image_class"]))
+    older = older.set_column(older.schema.get_field_index("image"), "image", pa.array(["old"] * older.num_rows))
+    partition = stats_root / "image_class" / "run_date=2026-09-30"
+    partition.mkdir()
+    pq.write_table(older, partition / "version-1.parquet")
+
+    rows = read_table(stats_root)
+    old = rows.filter(pc.equal(rows["image"], "old"))
+    assert old.num_rows == current.num_rows and old["run_id"].null_count == old.num_rows
+    assert pc.sum(old["pixel_count"]).as_py() == pc.sum(current["pixel_count"]).as_py()
+
+
+@pytest.fixture(scope="module")
+def generated_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("generated")
+    generate_dataset(root / "stats", images=30, classes=5, nights=3)
+    return root
+
+
+def test_stats_by_class_image_and_date_sum_the_rows(generated_root, capsys):
+    rows = read_table(generated_root / "stats").to_pandas()
+    assert len(rows) == 30 * 5 * 3
+
+    by_class = json.loads(stats_cli(capsys, str(generated_root), "--format", "json"))
+    expected = rows.groupby("class_name")["pixel_count"].sum()
+    assert {r["class_name"]: r["pixel_count"] for r in by_class} == expected.to_dict()
+    valid_total = rows.drop_duplicates(["image_uri", "run_id"])["valid_pixels"].sum()
+    for row in by_class:
+        assert row["valid_pixels"] == valid_total
+        assert row["share"] == pytest.approx(row["pixel_count"] / valid_total)
+        assert row["area"] == pytest.approx(row["pixel_count"] * PIXEL_AREA)
+
+    csv = pacsv.read_csv(io.BytesIO(stats_cli(capsys, str(generated_root), "--by", "image", "--class", "class02",
+                                              "--format", "csv").encode()))
+    wanted = rows[rows.class_name == "class02"].groupby("image")["pixel_count"].sum()
+    assert dict(zip(csv["image"].to_pylist(), csv["pixel_count"].to_pylist())) == wanted.to_dict()
+
+    by_date = json.loads(stats_cli(capsys, str(generated_root / "stats"), "--by", "run_date", "--format", "json"))
+    assert [r["run_date"] for r in by_date] == [str(FIRST_NIGHT + dt.timedelta(days=n)) for n in range(3)]
+    assert all(r["images"] == 30 and r["share"] == pytest.approx(1.0) for r in by_date)
+
+    table = stats_cli(capsys, str(generated_root), "--by", "run_date,class", "--since", str(FIRST_NIGHT + dt.timedelta(days=2)))
+    assert "class04" in table and str(FIRST_NIGHT) not in table
+
+
+def test_stats_change_top_and_sql_agree_with_the_rows(generated_root, capsys):
+    rows = read_table(generated_root / "stats").to_pandas()
+    first, last = FIRST_NIGHT, FIRST_NIGHT + dt.timedelta(days=2)
+    change = json.loads(stats_cli(capsys, str(generated_root), "--change", str(first), str(last), "--format", "json"))
+    area = rows.groupby(["run_date", "class_name"])["area"].sum()
+    for row in change:
+        before, after = area[(first, row["class_name"])], area[(last, row["class_name"])]
+        assert (row["area_before"], row["area_after"]) == pytest.approx((before, after))
+        assert row["change"] == pytest.approx(after - before)
+        assert row["relative_change"] == pytest.approx((after - before) / before)
+
+    top = json.loads(stats_cli(capsys, str(generated_root), "--top", "4", "--class", "class03", "--format", "json"))
+    latest = rows[(rows.class_name == "class03") & (rows.run_date == last)]
+    shares = (latest.pixel_count / latest.valid_pixels).to_numpy()
+    assert [r["image"] for r in top] == latest.image.to_numpy()[np.argsort(-shares, kind="stable")][:4].tolist()
+    assert all(r["run_date"] == str(last) for r in top)
+
+    answer = json.loads(stats_cli(capsys, str(generated_root), "--sql",
+                                  "SELECT COUNT(*) AS n, SUM(pixel_count) AS p FROM image_class", "--format", "json"))
+    assert answer == [{"n": len(rows), "p": int(rows.pixel_count.sum())}]
+
+    timed = run_queries(str(generated_root / "stats"), nights=3)  # the benchmark's questions answer the same
+    by_class = timed["areas by class"]
+    assert by_class["pixel_count"].to_pylist() == rows.groupby("class_name")["pixel_count"].sum().tolist()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--by", "colour"], "unknown grouping colour"),
+    (["--top", "3"], "exactly one --class"),
+    (["--sql", "SELECT nothing FROM nowhere"], "nowhere"),
+])
+def test_stats_bad_questions_name_the_problem(generated_root, capsys, arguments, message):
+    assert main(["stats", str(generated_root), *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_stats_on_a_folder_without_statistics_is_bad_input(tmp_path, capsys):
+    assert main(["stats", str(tmp_path / "nothing")]) == 2
+    assert "no statistics here" in capsys.readouterr().err
+
+
+def test_stats_on_an_s3_root_answers_as_on_a_local_one(s3_server, generated_root, capsys):
+    import fsspec
+
+    bucket = f"segpipe-{uuid.uuid4().hex[:12]}"
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    root = f"s3://{bucket}/nightly"
+    generate_dataset(f"{root}/stats", images=30, classes=5, nights=3)  # the same seed: the same rows
+    assert fs.glob(f"{bucket}/nightly/stats/image_class/run_date=*/*.parquet"), "written as run files on S3"
+
+    for arguments in (["--by", "class"], ["--by", "run_date,class"], ["--top", "5", "--class", "class01"]):
+        remote = stats_cli(capsys, root, *arguments, "--format", "json")
+        local = stats_cli(capsys, str(generated_root), *arguments, "--format", "json")
+        assert json.loads(remote) == json.loads(local)
+
+
+def test_region_rows_count_the_labels_inside_each_region(ray_cluster, sentinel_scene, tmp_path, capsys):
+    with rasterio.open(sentinel_scene) as dataset:
+        transform, crs = dataset.transform, dataset.crs
+    # Two fields drawn along pixel edges in the scene's CRS: the whole scene and its left 120 columns.
+    def field(columns: int) -> dict:
+        corners = [transform @ (c, r) for c, r in ((0, 0), (columns, 0), (columns, 200), (0, 200), (0, 0))]
+        return {"type": "Polygon", "coordinates": [[list(p) for p in corners]]}
+    regions = tmp_path / "fields.geojson"
+    regions.write_text(json.dumps({
+        "type": "FeatureCollection",
+        "crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{crs.to_epsg()}"}},
+        "features": [{"type": "Feature", "properties": {"field": name}, "geometry": field(columns)}
+                     for name, columns in (("whole", 300), ("west", 120))],
+    }))
+    out = tmp_path / "out"
+    segment(sentinel_scene, out, "--regions", str(regions), "--region-id", "field")
+    with rasterio.open(out / "sentinel2_scene" / "labels.tif") as dataset:
+        labels = dataset.read(1)
+
+    rows = read_table(out / "stats", "region_class")
+    for name, window in (("whole", labels), ("west", labels[:, :120])):
+        mine = rows.filter(pc.equal(rows["region"], name)).sort_by("class_id")
+        expected = np.bincount(window[window != 255], minlength=3)
+        assert mine["pixel_count"].to_pylist() == expected.tolist(), name
+        assert np.allclose(mine["area"].to_numpy(), expected * 100.0)
+        assert set(mine["region_pixels"].to_pylist()) == {int((window != 255).sum())}
+    image = read_table(out / "stats", "image_class").sort_by("class_id")
+    whole = rows.filter(pc.equal(rows["region"], "whole")).sort_by("class_id")
+    assert whole["pixel_count"].to_pylist() == image["pixel_count"].to_pylist()
+
+    by_region = json.loads(stats_cli(capsys, str(out), "--by", "region", "--format", "json"))
+    assert {r["region"]: r["pixel_count"] for r in by_region} == {
+        "whole": int((labels != 255).sum()), "west": int((labels[:, :120] != 255).sum())}
+
+
+def test_a_bad_regions_file_stops_before_any_work(sentinel_scene, tmp_path, capsys):
+    regions = tmp_path / "fields.geojson"
+    regions.write_text("not json at all")
+    out = tmp_path / "out"
+    assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", str(out), "--regions", str(regions)]) == 2
+    assert str(regions) in capsys.readouterr().err
+    assert not out.exists()
