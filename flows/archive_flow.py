@@ -1,14 +1,23 @@
-"""The Prefect flow: segment every image of an archive that is not already done for this model.
+"""The nightly Prefect flow: segment every image of an archive that is not already done.
 
-One task per image and stage (Prefect costs ~0.1-1 s per task run, never spend it per tile);
-Ray is called from inside the segment task. A bad image fails alone: it is recorded and the
-flow goes on with the others.
+    discover -> for each image (at most `concurrency` at once): ingest -> segment -> finalize -> stats
+
+One Prefect task per image and stage (Prefect costs milliseconds to a second per task run:
+never spend it per tile or block); the stages of one image run inside its `image` task, so
+the UI shows each image with its stages. The segment stages of all images stream their blocks
+into one pool of Ray actors, created once per run. Transient errors (object storage, a lost
+Ray worker) are retried with back-off; a stage resumes where it stopped (finished shards and
+blocks are recorded in the work folder). A bad image fails alone: it is recorded with its
+error and the others go on. The run holds the output root's lock throughout.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,46 +27,105 @@ import pyarrow as pa
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows import image_run
-from flows.image_run import ImageRun, SegmentSummary, plan_image, resolve_settings
-from flows.manifest import is_done
-from pipelines import storage
-from pipelines.errors import InputError
-from pipelines.model_card import load_card
-from pipelines.regions import load_regions
-from pipelines.stats import begin_run, compact
+from flows import image_run  # noqa: E402
+from flows.image_run import ImageRun, SegmentSummary, plan_image, resolve_settings  # noqa: E402
+from flows.manifest import image_key, is_done  # noqa: E402
+from flows.progress import stage_progress, transient_stages  # noqa: E402
+from flows.root_lock import root_lock, storage_problem  # noqa: E402
+from pipelines import storage  # noqa: E402
+from pipelines.errors import InputError  # noqa: E402
+from pipelines.model_card import load_card  # noqa: E402
+from pipelines.regions import load_regions  # noqa: E402
+from pipelines.stats import begin_run, compact, validate_run_id  # noqa: E402
+from segworkers.actors import ActorPool  # noqa: E402
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".nii", ".nii.gz")
+RETRY_DELAYS_S = [2, 10, 30]
+# Errors about the output root itself: retrying cannot help.
+PERMANENT_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
 
 
-@task(cache_policy=NO_CACHE)
-def discover_images(archive: str) -> list[str]:
-    """The images directly in a local folder or under an s3:// prefix."""
-    return storage.list_images(archive, IMAGE_SUFFIXES)
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: lost connections and timeouts (object storage), a Ray worker or node
+    that died; never bad input or a full or read-only disk."""
+    import ray.exceptions
+
+    if isinstance(exc, InputError):
+        return False
+    if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno not in PERMANENT_ERRNOS and not isinstance(exc, (FileNotFoundError, IsADirectoryError))
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
-@task(cache_policy=NO_CACHE)
+def retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the state's own exception, re-raised to inspect it
+        return is_transient(exc)
+    return False
+
+
+def stage(function):
+    """A per-image stage as a Prefect task: no caching (results live in the output root),
+    retried with back-off on transient errors only."""
+    return task(function, cache_policy=NO_CACHE, retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
+                retry_condition_fn=retry_transient)
+
+
+@stage
 def ingest(run: ImageRun) -> None:
     image_run.ingest(run)
 
 
-@task(cache_policy=NO_CACHE)
-def segment(run: ImageRun) -> SegmentSummary:
-    return image_run.segment(run)
+@stage
+def segment(run: ImageRun, pool: ActorPool) -> SegmentSummary:
+    return image_run.segment(run, pool)
 
 
-@task(cache_policy=NO_CACHE)
+@stage
 def finalize(run: ImageRun) -> None:
     image_run.finalize(run)
 
 
-@task(cache_policy=NO_CACHE)
+@stage
 def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: dt.date) -> pa.Table:
+    """The image's statistics, then its manifest record: written last, it marks the image done."""
     table = image_run.record_stats(run, summary, run_id, run_date)
     image_run.complete(run, run_id, run_date)
     return table
+
+
+@task(cache_policy=NO_CACHE, task_run_name="image {run.name}")
+def process_image(run: ImageRun, pool: ActorPool, run_id: str, run_date: dt.date) -> pa.Table:
+    try:
+        ingest(run)
+        summary = segment(run, pool)
+        finalize(run)
+        return record_stats(run, summary, run_id, run_date)
+    except InputError:
+        image_run.discard(run)
+        raise
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+def discover_images(archive: str) -> list[str]:
+    """The images in a local folder, matching a glob, or under an s3:// prefix."""
+    return storage.list_images(archive, IMAGE_SUFFIXES)
+
+
+def failure_message(exc: BaseException, out: Path) -> str:
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, OSError) and (problem := storage_problem(out, exc)):
+        return str(problem)
+    return f"{type(exc).__name__}: {exc}"
 
 
 @flow(name="segment-archive")
@@ -69,47 +137,94 @@ def segment_archive(
     overlap: float | None = None,
     batch: int | None = None,
     device: str | None = None,
+    block: int | None = None,
+    workers: int | None = None,
     run_id: str | None = None,
     regions: str | None = None,
     region_id: str | None = None,
+    concurrency: int = 2,
 ) -> dict:
     """Segment each image in `archive` with `model`, writing results and statistics under `out`.
 
     The run id (default: today's date, so a night's re-run resumes the same run) names the
-    run's rows in the statistics."""
+    run's rows in the statistics. Returns the run's report: done, skipped and failed images."""
     logger = get_run_logger()
     card = load_card(model)
-    digest = card.digest()
-    settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, device=device, regions=regions,
-                                region_id=region_id)
+    settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, block=block, device=device,
+                                workers=workers, regions=regions, region_id=region_id)
     if regions:
         load_regions(regions, region_id)  # a bad regions file stops the run before any work
-    stats_root = Path(out) / "stats"
-    compact(stats_root)  # rows an interrupted earlier run left pending
-    run_id = run_id or dt.date.today().isoformat()
-    run_date = begin_run(stats_root, run_id, dt.date.today())
-    report: dict = {"done": [], "skipped": [], "failed": {}, "stats": []}
-    for uri in discover_images(archive):
-        try:
-            run = plan_image(uri, card, settings, Path(out), digest)
-        except InputError as exc:
-            logger.error("failed: %s", exc)
-            report["failed"][uri] = str(exc)
-            continue
-        if is_done(run.out_root, run.key):
-            logger.info("skipping %s: already segmented with %s and these settings", run.name, card.name)
-            report["skipped"].append(run.name)
-            continue
-        try:
-            ingest(run)
-            summary = segment(run)
-            finalize(run)
-            report["stats"].append(record_stats(run, summary, run_id, run_date))
-            report["done"].append(run.name)
-        except InputError as exc:
-            image_run.discard(run)
-            logger.error("failed: %s", exc)
-            report["failed"][uri] = str(exc)
-    compact(stats_root)
-    report["run_id"] = run_id
+    run_id = validate_run_id(run_id or dt.date.today().isoformat())
+    root = Path(out)
+    report: dict = {"run_id": run_id, "done": [], "skipped": [], "failed": {}, "stats": []}
+    with root_lock(root, run_id):
+        stats_root = root / "stats"
+        compact(stats_root)  # rows an interrupted earlier run left pending
+        run_date = begin_run(stats_root, run_id, dt.date.today())
+        report["run_date"] = run_date.isoformat()
+        runs = plan_archive(discover_images(archive), card, settings, root, report)
+        logger.info("run %s: %d images to segment, %d already done, %d failed to open",
+                    run_id, len(runs), len(report["skipped"]), len(report["failed"]))
+        if runs:
+            segment_images(runs, card, settings, run_id, run_date, concurrency, report)
+        compact(stats_root)
+        write_run_report(root, report)
+    logger.info("run %s: %d done, %d skipped, %d failed", run_id, len(report["done"]), len(report["skipped"]),
+                len(report["failed"]))
     return report
+
+
+def plan_archive(uris: list[str], card, settings, root: Path, report: dict) -> list[ImageRun]:
+    """The images still to do: those the manifest has for this card and settings are skipped
+    without opening them; the others are opened and checked against the card."""
+    logger = get_run_logger()
+    digest = card.digest()
+    runs = []
+    for uri in uris:
+        try:
+            if is_done(root, image_key(uri, digest, settings.affecting_output())):
+                report["skipped"].append(Path(uri).name)
+                continue
+            runs.append(plan_image(uri, card, settings, root, digest))
+        except InputError as exc:
+            logger.error("failed: %s", exc)
+            report["failed"][uri] = str(exc)
+    return runs
+
+
+def segment_images(runs: list[ImageRun], card, settings, run_id: str, run_date: dt.date, concurrency: int,
+                   report: dict) -> None:
+    logger = get_run_logger()
+    artifact = create_progress_artifact(0.0, key=artifact_key(f"progress-{run_id}"),
+                                        description=f"segpipe run {run_id}: images finished")
+    runner = ThreadPoolTaskRunner(max_workers=max(1, concurrency))
+    with ActorPool(card, settings.device, settings.batch, settings.workers) as pool, transient_stages(), runner:
+        with stage_progress(f"run {run_id}: images", len(runs)) as advance:
+            futures = [(run, runner.submit(process_image, parameters={
+                "run": run, "pool": pool, "run_id": run_id, "run_date": run_date})) for run in runs]
+            for finished, (run, future) in enumerate(futures, start=1):
+                try:
+                    report["stats"].append(future.result())
+                    report["done"].append(run.name)
+                except Exception as exc:  # noqa: BLE001 - one image's failure is recorded, the run goes on
+                    message = failure_message(exc, run.out_root)
+                    logger.error("failed: %s: %s", run.source.uri, message)
+                    report["failed"][run.source.uri] = message
+                advance()
+                update_progress_artifact(artifact, 100.0 * finished / len(runs))
+    rows = [{"image": name, "outcome": "done"} for name in report["done"]]
+    rows += [{"image": uri, "outcome": f"failed: {why}"} for uri, why in report["failed"].items()]
+    create_table_artifact(rows, key=artifact_key(f"images-{run_id}"), description=f"segpipe run {run_id}")
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]", "-", text.lower())
+
+
+def write_run_report(root: Path, report: dict) -> None:
+    """<root>/runs/<run id>.json: what the last attempt of the run did."""
+    folder = root / "runs"
+    folder.mkdir(exist_ok=True)
+    summary = {key: value for key, value in report.items() if key != "stats"}
+    image_run.write_atomically(folder / f"{report['run_id']}.json", json.dumps(summary, indent=2).encode())

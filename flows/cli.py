@@ -1,6 +1,8 @@
 """The `segpipe` command line.
 
     segpipe segment SRC --model CARD --out DIR [--tile N] [--overlap F] [--batch N] [--device cpu|cuda]
+    segpipe run ARCHIVE --model CARD --out ROOT [--run-id ID] [--concurrency N] [segment options]
+    segpipe deploy ARCHIVE --model CARD --out ROOT --cron "0 2 * * *" [--name NAME]
     segpipe stats ROOT [--by class,image,region,run_date] [--change BEFORE AFTER] [--top N --class C] [--sql Q]
     segpipe models list [--classes K] [--bands C]
     segpipe demo [--out DIR]
@@ -38,6 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--probabilities", action="store_true",
                          help="also write uint8-quantised class probabilities to DIR/<image>/probabilities.zarr")
     add_statistics_options(segment)
+
+    run = commands.add_parser("run", help="segment every new image of an archive (a Prefect flow; resumable)")
+    run.add_argument("archive", help="a folder, a glob ('scenes/2026-*/*.tif') or an s3:// prefix")
+    run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
+    run.add_argument("--out", required=True, help="output root: images, statistics, manifest")
+    add_tiling_options(run)
+    run.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
+    run.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
+    run.add_argument("--concurrency", type=int, default=2, help="images in progress at once (default 2)")
+    add_statistics_options(run)
+
+    deploy = commands.add_parser("deploy", help="serve the run on a schedule against a Prefect server")
+    deploy.add_argument("archive", help="a folder, a glob or an s3:// prefix")
+    deploy.add_argument("--model", required=True, help="model card: a YAML path or a built-in name")
+    deploy.add_argument("--out", required=True, help="output root")
+    deploy.add_argument("--cron", required=True, help='schedule, e.g. "0 2 * * *" (every night at 02:00)')
+    deploy.add_argument("--name", default="nightly", help="deployment name (default nightly)")
 
     stats = commands.add_parser("stats", help="areas by class, image, region or run date from an output root's statistics")
     stats.add_argument("root", help="an output root (local folder or s3:// prefix) or its stats/ folder")
@@ -99,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             return segment_command(args)
         if args.command == "stats":
             return stats_command(args)
+        if args.command == "run":
+            return run_command(args)
+        if args.command == "deploy":
+            from flows.deploy import serve_deployment
+
+            serve_deployment(args.archive, args.model, args.out, args.cron, name=args.name)
+            return 0
         if args.command == "models":
             return models_list_command(args)
         return demo_command(args)
@@ -112,6 +138,7 @@ def segment_command(args: argparse.Namespace) -> int:
     from flows.report import print_area_table
     from pipelines.model_card import load_card
     from pipelines.regions import load_regions
+    from flows.root_lock import root_lock
     from pipelines.stats import begin_run, compact, validate_run_id
 
     card = load_card(args.model)
@@ -127,15 +154,40 @@ def segment_command(args: argparse.Namespace) -> int:
     shape = " x ".join(str(s) for s in reversed(run.source.shape))
     console.print(f"segmenting {run.source.kind} {run.source.uri} ({shape}) with {card.name} on {settings.device}")
     stats_root = run.out_root / "stats"
-    run_date = begin_run(stats_root, run_id, dt.date.today())
-    summary, stats = run_image(run, run_id, run_date)
-    compact(stats_root)
+    with root_lock(run.out_root, run_id):
+        run_date = begin_run(stats_root, run_id, dt.date.today())
+        summary, stats = run_image(run, run_id, run_date)
+        compact(stats_root)
     print(f"labels:  {run.output_dir / LABEL_OUTPUTS[run.source.kind]}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
     if settings.probabilities:
         print(f"probabilities: {run.output_dir / 'probabilities.zarr'} (uint8, probability x 255)")
     print(f"tiles:   {summary.tiles - summary.tiles_skipped} segmented, {summary.tiles_skipped} skipped (no valid pixels)")
+    if summary.blocks_resumed:
+        print(f"resumed: {summary.blocks_resumed} of {len(summary.blocks)} blocks were done by an interrupted run")
     print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
     return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from flows.archive_flow import segment_archive
+
+    report = segment_archive(
+        args.archive, args.model, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
+        device=args.device, block=args.block, workers=args.workers, run_id=args.run_id, regions=args.regions,
+        region_id=args.region_id, concurrency=args.concurrency,
+    )
+    print_run_report(report, args.out)
+    return 1 if report["failed"] else 0
+
+
+def print_run_report(report: dict, out) -> None:
+    print(f"run {report['run_id']} ({report.get('run_date', '')}): {len(report['done'])} done, "
+          f"{len(report['skipped'])} skipped (already done), {len(report['failed'])} failed")
+    for name in report["done"]:
+        print(f"  done    {name}")
+    for uri, reason in report["failed"].items():
+        print(f"  failed  {reason if reason.startswith(uri) else f'{uri}: {reason}'}")
+    print(f"report: {Path(out) / 'runs' / (report['run_id'] + '.json')}; statistics: segpipe stats {out}")
 
 
 def stats_command(args: argparse.Namespace) -> int:

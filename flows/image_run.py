@@ -9,6 +9,8 @@ outputs are complete, and the manifest record is written after the statistics.
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +37,10 @@ from pipelines.stats import (
     write_image_rows,
 )
 from pipelines.background import tiles_with_data
-from pipelines.tiling import TileGrid, block_partition
+from pipelines.tiling import Region, TileGrid, block_partition
 from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_source, shard_regions
-from segworkers.actors import segment_blocks
-from segworkers.predictor import BlockJob
+from segworkers.actors import ActorPool, segment_blocks
+from segworkers.predictor import BlockJob, BlockResult
 from segworkers.tile_models import best_device
 
 DEFAULT_BLOCK = 2048
@@ -147,6 +149,20 @@ class ImageRun:
         return self.work_dir / "valid_lowres.npy"
 
     @property
+    def ingested_dir(self) -> Path:
+        """One marker per source shard copied into image_store."""
+        return self.work_dir / "ingested"
+
+    @property
+    def blocks_dir(self) -> Path:
+        """One record per output block segmented: its class counts and areas."""
+        return self.work_dir / "blocks"
+
+    @property
+    def state_file(self) -> Path:
+        return self.work_dir / "state.json"
+
+    @property
     def staged_dir(self) -> Path:
         return self.work_dir / "output"
 
@@ -163,17 +179,57 @@ def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_
     return ImageRun(info, bands, card, settings, Path(out_root), key)
 
 
-def ingest(run: ImageRun) -> None:
+def prepare_work_dir(run: ImageRun) -> bool:
+    """Keep the image's work folder from an interrupted run when it was made with the same
+    key and block size (so its shards and block records still apply); otherwise start it
+    afresh. Returns True when resuming."""
+    state = {"key": run.key, "block": run.settings.block, "tile": run.settings.tile}
+    if run.state_file.exists():
+        try:
+            if json.loads(run.state_file.read_text()) == state:
+                return True
+        except ValueError:
+            pass  # a torn state file: start again
     shutil.rmtree(run.work_dir, ignore_errors=True)
     run.work_dir.mkdir(parents=True)
-    if run.source.kind == "zarr":
-        return  # read in place; no nodata value, so no background mask either
+    write_atomically(run.state_file, json.dumps(state).encode())
+    return False
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """The whole file or nothing, whenever the process dies."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+def region_id(region: Region) -> str:
+    return "_".join(str(s) for s in region.start)
+
+
+def ingest(run: ImageRun) -> None:
+    """Copy the source into the image store, shard by shard; a resumed run copies only the
+    shards an interrupted one had not finished."""
+    prepare_work_dir(run)
+    if run.source.kind == "zarr" or run.background_mask.exists():
+        return  # a Zarr source is read in place (no nodata value, so no mask); or ingest is done
+    run.ingested_dir.mkdir(exist_ok=True)
+    done = frozenset(tuple(int(v) for v in p.name.split("_")) for p in run.ingested_dir.iterdir() if not p.name.startswith("."))
+    if done and not Path(run.image_store).exists():
+        done = frozenset()
     shards = block_partition(run.source.shape, (run.settings.block,) * len(run.source.shape))
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
-        mask = ingest_source(run.source, run.bands, run.image_store, run.settings.tile, run.settings.block, on_shard_done=advance)
+        def shard_done(region: Region) -> None:
+            (run.ingested_dir / region_id(region)).touch()
+            advance()
+
+        mask = ingest_source(run.source, run.bands, run.image_store, run.settings.tile, run.settings.block,
+                             on_shard_done=shard_done, done=done)
     if run.source.kind == "slide":  # glass has no nodata value: tissue detection marks what to segment
         mask = tissue_mask(run.source.detail.uri, FACTOR, run.source.slide_level, run.source.slide_scale)
-    np.save(run.background_mask, mask)
+    buffer = io.BytesIO()
+    np.save(buffer, mask)
+    write_atomically(run.background_mask, buffer.getvalue())
 
 
 @dataclass(frozen=True)
@@ -187,10 +243,17 @@ class SegmentSummary:
     area_unit: str = "px"
     blocks: tuple[BlockCounts, ...] = ()
     """Per output block: its bounds and the class counts and areas its worker wrote."""
+    blocks_resumed: int = 0
+    """Blocks an interrupted run had finished, taken from their records, not segmented again."""
 
 
-def segment(run: ImageRun) -> SegmentSummary:
-    """Labels (and probabilities if asked) into their Zarr stores, block by block on Ray actors."""
+def segment(run: ImageRun, pool: ActorPool | None = None) -> SegmentSummary:
+    """Labels (and probabilities if asked) into their Zarr stores, block by block on Ray actors.
+
+    Each finished block is recorded in the work folder; a resumed run segments only the blocks
+    without a record (those in flight when it was interrupted, and those never started)."""
+    prepare_work_dir(run)
+    run.blocks_dir.mkdir(exist_ok=True)
     return segment_store(
         run.card,
         run.settings,
@@ -201,6 +264,8 @@ def segment(run: ImageRun) -> SegmentSummary:
         probability_store=run.probability_store if run.settings.probabilities else None,
         name=run.name,
         areas=source_areas(run.source),
+        blocks_dir=run.blocks_dir,
+        pool=pool,
     )
 
 
@@ -214,16 +279,23 @@ def segment_store(
     name: str = "image",
     areas: PixelAreas | None = None,
     bands: tuple[int, ...] | None = None,
+    blocks_dir: Path | None = None,
+    pool: ActorPool | None = None,
 ) -> SegmentSummary:
-    """Segment an ingested (band, *spatial) Zarr image, 2D or 3D, into a new label store."""
+    """Segment an ingested (band, *spatial) Zarr image, 2D or 3D, into a label store.
+
+    With `blocks_dir`, every finished block leaves a record there, and blocks that already have
+    one (and the stores they were written to) are kept: an interrupted segmentation resumes."""
     import zarr
 
     shape = zarr.open_array(str(image_store), mode="r").shape[1:]
     grid = TileGrid(shape, settings.tile, settings.overlap)
     attributes = {"classes": [c.name for c in card.classes], "model": card.name}
-    create_label_store(label_store, shape, chunk=settings.tile, block=settings.block, attributes=attributes)
-    if probability_store:
-        create_probability_store(probability_store, card.num_classes, shape, settings.tile, settings.block, attributes)
+    recorded = load_block_records(blocks_dir) if blocks_dir and label_store.exists() else {}
+    if not recorded:
+        create_label_store(label_store, shape, chunk=settings.tile, block=settings.block, attributes=attributes)
+        if probability_store:
+            create_probability_store(probability_store, card.num_classes, shape, settings.tile, settings.block, attributes)
     with_data = tiles_with_data(grid, background_mask) if background_mask is not None else None
     jobs = [
         BlockJob(
@@ -244,10 +316,20 @@ def segment_store(
         for block in shard_regions(label_store)
     ]
     skipped = 0 if with_data is None else len(grid) - len(with_data)
-    with stage_progress(f"segment {name} ({len(grid)} tiles, {skipped} without data skipped)", len(jobs)) as advance:
-        results = segment_blocks(
-            card, jobs, device=settings.device, batch_size=settings.batch, workers=settings.workers,
-            on_block_done=advance,
+    results: list[BlockResult | None] = [recorded.get(job.block.start) for job in jobs]
+    todo = [i for i, result in enumerate(results) if result is None]
+    resumed = f", {len(jobs) - len(todo)} blocks done before" if len(todo) < len(jobs) else ""
+    description = f"segment {name} ({len(grid)} tiles, {skipped} without data skipped{resumed})"
+    with stage_progress(description, len(jobs), completed=len(jobs) - len(todo)) as advance:
+        def block_done(index: int, result: BlockResult) -> None:
+            if blocks_dir:
+                write_block_record(blocks_dir, result)
+            results[todo[index]] = result
+            advance()
+
+        segment_blocks(
+            card, [jobs[i] for i in todo], device=settings.device, batch_size=settings.batch,
+            workers=settings.workers, on_block_done=block_done, pool=pool,
         )
     counts = np.sum([r.class_counts for r in results], axis=0)
     if areas is None:
@@ -255,7 +337,29 @@ def segment_store(
     blocks = tuple(BlockCounts(r.block.start, r.block.stop, r.class_counts, r.class_areas) for r in results)
     return SegmentSummary(
         counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit, blocks,
+        len(jobs) - len(todo),
     )
+
+
+def write_block_record(blocks_dir: Path, result: BlockResult) -> None:
+    """After the block's labels are in their shard: what its worker counted (JSON floats
+    round-trip exactly, so resumed statistics are byte-identical)."""
+    record = {"start": list(result.block.start), "stop": list(result.block.stop), "tiles_run": result.tiles_run,
+              "class_counts": result.class_counts.tolist(),
+              "class_areas": None if result.class_areas is None else result.class_areas.tolist()}
+    write_atomically(blocks_dir / f"{region_id(result.block)}.json", json.dumps(record).encode())
+
+
+def load_block_records(blocks_dir: Path) -> dict[tuple[int, ...], BlockResult]:
+    records = {}
+    for path in blocks_dir.glob("*.json"):
+        record = json.loads(path.read_text())
+        areas = record["class_areas"]
+        records[tuple(record["start"])] = BlockResult(
+            Region(tuple(record["start"]), tuple(record["stop"])), np.asarray(record["class_counts"], dtype=np.int64),
+            record["tiles_run"], None if areas is None else np.asarray(areas, dtype=np.float64),
+        )
+    return records
 
 
 LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "image.ome.zarr", "volume": "labels.nii.gz", "zarr": "labels.ome.zarr"}
@@ -373,7 +477,8 @@ def complete(run: ImageRun, run_id: str, run_date: dt.date) -> None:
 
 
 def discard(run: ImageRun) -> None:
-    """Drop a failed image's intermediate stores; its published folder is left as it was."""
+    """Drop a bad image's intermediate stores; its published folder is left as it was. (Other
+    failures keep them: the next run resumes from the finished shards and blocks.)"""
     shutil.rmtree(run.work_dir, ignore_errors=True)
 
 
@@ -385,6 +490,6 @@ def run_image(run: ImageRun, run_id: str, run_date: dt.date) -> tuple[SegmentSum
         table = record_stats(run, summary, run_id, run_date)
         complete(run, run_id, run_date)
         return summary, table
-    except BaseException:
-        discard(run)
+    except InputError:
+        discard(run)  # bad input: nothing of it is worth keeping
         raise

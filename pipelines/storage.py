@@ -103,14 +103,21 @@ def stat(uri: str | Path) -> tuple[int, str]:
     return int(info["size"]), str(tag).strip('"')
 
 
+GLOB_CHARACTERS = ("*", "?", "[")
+
+
 def list_images(uri_prefix: str | Path, suffixes: Iterable[str]) -> list[str]:
     """Files directly in a folder / under a prefix whose names end in one of `suffixes`
-    (case-insensitive, e.g. (".tif", ".tiff")), sorted. Not recursive.
+    (case-insensitive, e.g. (".tif", ".tiff")), sorted. Not recursive. A glob pattern
+    (`archive/2026-*/*.tif`, `s3://bucket/scenes/*_B04.tif`, `**` for any depth) lists the
+    files it matches instead, whatever their suffix.
 
     Remote entries come back as full URIs (s3://bucket/key); local ones as paths under the
     folder as it was given.
     """
     uri_prefix = str(uri_prefix)
+    if any(character in uri_prefix for character in GLOB_CHARACTERS):
+        return _glob_files(uri_prefix)
     endings = tuple(suffix.lower() for suffix in suffixes)
     if not is_remote(uri_prefix):
         folder = _local_path(uri_prefix)
@@ -125,6 +132,16 @@ def list_images(uri_prefix: str | Path, suffixes: Iterable[str]) -> list[str]:
         for entry in entries
         if entry["type"] == "file" and entry["name"].lower().endswith(endings)
     )
+
+
+def _glob_files(pattern: str) -> list[str]:
+    with _input_errors(pattern):
+        fs, path = filesystem(pattern)
+        matches = fs.glob(path, detail=True)
+    files = [name for name, entry in matches.items() if entry["type"] == "file"]
+    if is_remote(pattern):
+        return sorted(fs.unstrip_protocol(name) for name in files)
+    return sorted(files)
 
 
 def put_file(local_path: str | Path, uri: str | Path) -> None:

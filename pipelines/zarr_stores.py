@@ -14,7 +14,6 @@ from typing import Callable
 import dask
 import numpy as np
 import zarr
-from dask.callbacks import Callback
 
 from pipelines.background import add_region_to_mask, mask_shape, valid_pixels
 from pipelines.sources import SourceInfo, read_source_region
@@ -24,63 +23,60 @@ NODATA_LABEL = 255
 SPATIAL_NAMES = {2: ("y", "x"), 3: ("z", "y", "x")}
 
 
-class _CountFinishedTasks(Callback):
-    def __init__(self, on_task_done: Callable[[], None]):
-        super().__init__()
-        self.on_task_done = on_task_done
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        self.on_task_done()
-
-
 def ingest_source(
     info: SourceInfo,
     bands: tuple[int, ...],
     store_path: Path,
     chunk: int,
     shard: int,
-    on_shard_done: Callable[[], None] = lambda: None,
+    on_shard_done: Callable[[Region], None] = lambda region: None,
     max_threads: int = 4,
+    done: frozenset[tuple[int, ...]] = frozenset(),
 ) -> np.ndarray:
     """Copy the selected bands of a source into a sharded Zarr v3 array (band, *spatial).
 
     Dask copies one shard per task, each reading its own region of the source, so memory is
-    bounded by (threads x shard) and every shard has one writer. Returns the low-resolution
-    mask of valid pixels (pipelines.background) gathered on the way.
+    bounded by (threads x shard) and every shard has one writer. `on_shard_done(region)` is
+    called after each shard is written. Resuming, `done` holds the start of every shard
+    already copied into the existing store: those are read back from it for the mask instead
+    of from the source. Returns the low-resolution mask of valid pixels
+    (pipelines.background) gathered on the way.
     """
     dims = len(info.shape)
     attributes = {"source": info.uri, "kind": info.kind, "bands": list(bands), "nodata": info.nodata}
     if info.kind == "scene":
         attributes.update(crs_wkt=info.detail.crs_wkt, transform=list(info.detail.transform))
-    image = zarr.create_array(
-        store=str(store_path),
-        shape=(len(bands), *info.shape),
-        dtype=info.dtype,
-        chunks=(len(bands), *(chunk,) * dims),
-        shards=(len(bands), *(shard,) * dims),
-        fill_value=0,
-        dimension_names=("band", *SPATIAL_NAMES[dims]),
-        attributes=attributes,
-        overwrite=True,
-    )
+    if done:
+        image = zarr.open_array(str(store_path), mode="r+")
+    else:
+        image = zarr.create_array(
+            store=str(store_path),
+            shape=(len(bands), *info.shape),
+            dtype=info.dtype,
+            chunks=(len(bands), *(chunk,) * dims),
+            shards=(len(bands), *(shard,) * dims),
+            fill_value=0,
+            dimension_names=("band", *SPATIAL_NAMES[dims]),
+            attributes=attributes,
+            overwrite=True,
+        )
 
     mask = np.zeros(mask_shape(info.shape), dtype=bool)
     mask_lock = threading.Lock()
 
     def copy_shard(region: Region) -> None:
-        pixels = read_source_region(info, bands, region)
-        image[(slice(None), *region.slices())] = pixels
+        if region.start in done:
+            pixels = image[(slice(None), *region.slices())]
+        else:
+            pixels = read_source_region(info, bands, region)
+            image[(slice(None), *region.slices())] = pixels
         valid = valid_pixels(pixels, info.nodata)
         with mask_lock:  # low-resolution cells can straddle two shards
             add_region_to_mask(mask, region, valid)
+        on_shard_done(region)
 
     shards = block_partition(info.shape, (shard,) * dims)
-    with _CountFinishedTasks(on_shard_done):
-        dask.compute(
-            *[dask.delayed(copy_shard)(region) for region in shards],
-            scheduler="threads",
-            num_workers=max_threads,
-        )
+    dask.compute(*[dask.delayed(copy_shard)(region) for region in shards], scheduler="threads", num_workers=max_threads)
     return mask
 
 

@@ -7,6 +7,7 @@ up work and results (class counts only; labels go straight to Zarr) stay small.
 from __future__ import annotations
 
 import os
+import queue
 from typing import Callable
 
 import ray
@@ -53,6 +54,79 @@ def actor_plan(device: str, workers: int | None, threads: int) -> tuple[int, dic
     return max(1, cpus // threads), {"num_gpus": 0, "num_cpus": min(threads, cpus)}
 
 
+class ActorPool:
+    """Long-lived segmentation actors shared by every image of a run (the model is loaded once
+    per actor), each with a bounded number of blocks in flight. Thread-safe: several images
+    can stream their blocks into one pool at once, so the last big image of a run keeps every
+    actor busy.
+
+    A killed actor process is restarted by Ray, which retries the block it was running
+    (`max_task_retries`): the block is written again, whole, by the new process.
+    """
+
+    def __init__(self, card: ModelCard, device: str = "cpu", batch_size: int = 4, workers: int | None = None,
+                 threads: int = 2, max_actors: int | None = None, restarts: int = 3):
+        ensure_ray()
+        count, resources = actor_plan(device, workers, threads)
+        if max_actors:
+            count = min(count, max_actors)
+        if device == "cpu":
+            threads = max(1, int(resources["num_cpus"]))
+        env_vars = {name: os.environ[name] for name in STORAGE_ENVIRONMENT if name in os.environ}
+        if env_vars:
+            resources = {**resources, "runtime_env": {"env_vars": env_vars}}
+        self.actors = [
+            SegmentationActor.options(**resources, max_restarts=restarts, max_task_retries=restarts).remote(
+                card, device, batch_size, threads)
+            for _ in range(count)
+        ]
+        self.slots: queue.Queue = queue.Queue()
+        for _ in range(BLOCKS_IN_FLIGHT_PER_ACTOR):
+            for actor in self.actors:
+                self.slots.put(actor)
+
+    def run(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None] = lambda i, r: None
+            ) -> list[BlockResult]:
+        """Run the jobs on the pool's actors; results in job order. `on_block_done(index, result)`
+        is called as each block finishes."""
+        results: dict[int, BlockResult] = {}
+        in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}
+        waiting = list(enumerate(jobs))
+        waiting.reverse()
+        try:
+            while waiting or in_flight:
+                while waiting:  # take every free slot, waiting for one only when nothing is in flight
+                    try:
+                        actor = self.slots.get(block=not in_flight, timeout=None if not in_flight else 0)
+                    except queue.Empty:
+                        break
+                    index, job = waiting.pop()
+                    in_flight[actor.segment.remote(job)] = (index, actor)
+                if not in_flight:
+                    continue
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in done:
+                    index, actor = in_flight.pop(ref)
+                    self.slots.put(actor)
+                    results[index] = ray.get(ref)
+                    on_block_done(index, results[index])
+        finally:
+            for ref, (_, actor) in in_flight.items():  # an error: give the other slots back
+                ray.cancel(ref, force=False)
+                self.slots.put(actor)
+        return [results[i] for i in range(len(jobs))]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def __enter__(self) -> "ActorPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def segment_blocks(
     card: ModelCard,
     jobs: list[BlockJob],
@@ -60,38 +134,14 @@ def segment_blocks(
     batch_size: int = 4,
     workers: int | None = None,
     threads: int = 2,
-    on_block_done: Callable[[BlockResult], None] = lambda result: None,
+    on_block_done: Callable[[int, BlockResult], None] = lambda index, result: None,
+    pool: ActorPool | None = None,
 ) -> list[BlockResult]:
-    """Run every block job on a pool of actors and return the results in job order."""
-    ensure_ray()
-    count, resources = actor_plan(device, workers, threads)
-    if device == "cpu":
-        threads = max(1, int(resources["num_cpus"]))
-    env_vars = {name: os.environ[name] for name in STORAGE_ENVIRONMENT if name in os.environ}
-    if env_vars:
-        resources = {**resources, "runtime_env": {"env_vars": env_vars}}
-    actors = [
-        SegmentationActor.options(**resources).remote(card, device, batch_size, threads)
-        for _ in range(min(count, len(jobs)))
-    ]
-    results: dict[int, BlockResult] = {}
-    in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}
-    queue = list(enumerate(jobs))
-    try:
-        for actor in actors:
-            for _ in range(BLOCKS_IN_FLIGHT_PER_ACTOR):
-                if queue:
-                    index, job = queue.pop(0)
-                    in_flight[actor.segment.remote(job)] = (index, actor)
-        while in_flight:
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
-            index, actor = in_flight.pop(done)
-            results[index] = ray.get(done)
-            on_block_done(results[index])
-            if queue:
-                next_index, job = queue.pop(0)
-                in_flight[actor.segment.remote(job)] = (next_index, actor)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return [results[i] for i in range(len(jobs))]
+    """Run every block job on a pool of actors (the given one, or one made for these jobs) and
+    return the results in job order."""
+    if pool is not None:
+        return pool.run(jobs, on_block_done)
+    if not jobs:
+        return []
+    with ActorPool(card, device, batch_size, workers, threads, max_actors=len(jobs)) as own_pool:
+        return own_pool.run(jobs, on_block_done)
