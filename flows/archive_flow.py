@@ -20,8 +20,6 @@ import os
 import re
 from pathlib import Path
 
-import pyarrow as pa
-
 # The ephemeral API server's telemetry heartbeat races the first migrations on SQLite
 # ("database is locked") and has no network to report to anyway.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -40,6 +38,7 @@ from pipelines import storage  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.model_card import load_card  # noqa: E402
 from pipelines.regions import load_regions  # noqa: E402
+from pipelines.sources import image_stem  # noqa: E402
 from pipelines.stats import begin_run, compact, validate_run_id  # noqa: E402
 from segworkers.actors import ActorPool  # noqa: E402
 
@@ -95,20 +94,21 @@ def finalize(run: ImageRun) -> None:
 
 
 @stage
-def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: dt.date) -> pa.Table:
+def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: dt.date) -> None:
     """The image's statistics, then its manifest record: written last, it marks the image done."""
-    table = image_run.record_stats(run, summary, run_id, run_date)
+    image_run.record_stats(run, summary, run_id, run_date)
     image_run.complete(run, run_id, run_date)
-    return table
 
 
 @task(cache_policy=NO_CACHE, task_run_name="image {run.name}")
-def process_image(run: ImageRun, pool: ActorPool, run_id: str, run_date: dt.date) -> pa.Table:
+def process_image(run: ImageRun, pool: ActorPool, run_id: str, run_date: dt.date) -> dict:
     try:
         ingest(run)
         summary = segment(run, pool)
         finalize(run)
-        return record_stats(run, summary, run_id, run_date)
+        record_stats(run, summary, run_id, run_date)
+        # Small on purpose: a night of 100,000 images keeps every task's result until it ends.
+        return {"blocks": len(summary.blocks), "blocks_resumed": summary.blocks_resumed}
     except InputError:
         image_run.discard(run)
         raise
@@ -156,7 +156,7 @@ def segment_archive(
         load_regions(regions, region_id)  # a bad regions file stops the run before any work
     run_id = validate_run_id(run_id or dt.date.today().isoformat())
     root = Path(out)
-    report: dict = {"run_id": run_id, "done": [], "skipped": [], "failed": {}, "stats": []}
+    report: dict = {"run_id": run_id, "done": [], "skipped": [], "failed": {}, "blocks": {}}
     with root_lock(root, run_id):
         stats_root = root / "stats"
         compact(stats_root)  # rows an interrupted earlier run left pending
@@ -183,7 +183,7 @@ def plan_archive(uris: list[str], card, settings, root: Path, report: dict) -> l
     for uri in uris:
         try:
             if is_done(root, image_key(uri, digest, settings.affecting_output())):
-                report["skipped"].append(Path(uri).name)
+                report["skipped"].append(image_stem(uri))
                 continue
             runs.append(plan_image(uri, card, settings, root, digest))
         except InputError as exc:
@@ -202,9 +202,12 @@ def segment_images(runs: list[ImageRun], card, settings, run_id: str, run_date: 
         with stage_progress(f"run {run_id}: images", len(runs)) as advance:
             futures = [(run, runner.submit(process_image, parameters={
                 "run": run, "pool": pool, "run_id": run_id, "run_date": run_date})) for run in runs]
-            for finished, (run, future) in enumerate(futures, start=1):
+            futures.reverse()
+            for finished in range(1, len(runs) + 1):
+                run, future = futures.pop()  # dropped once read: memory stays flat over a long night
                 try:
-                    report["stats"].append(future.result())
+                    outcome = future.result()
+                    report["blocks"][run.name] = {"total": outcome["blocks"], "resumed": outcome["blocks_resumed"]}
                     report["done"].append(run.name)
                 except Exception as exc:  # noqa: BLE001 - one image's failure is recorded, the run goes on
                     message = failure_message(exc, run.out_root)
@@ -226,5 +229,4 @@ def write_run_report(root: Path, report: dict) -> None:
     """<root>/runs/<run id>.json: what the last attempt of the run did."""
     folder = root / "runs"
     folder.mkdir(exist_ok=True)
-    summary = {key: value for key, value in report.items() if key != "stats"}
-    image_run.write_atomically(folder / f"{report['run_id']}.json", json.dumps(summary, indent=2).encode())
+    image_run.write_atomically(folder / f"{report['run_id']}.json", json.dumps(report, indent=2).encode())

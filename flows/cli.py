@@ -184,7 +184,9 @@ def print_run_report(report: dict, out) -> None:
     print(f"run {report['run_id']} ({report.get('run_date', '')}): {len(report['done'])} done, "
           f"{len(report['skipped'])} skipped (already done), {len(report['failed'])} failed")
     for name in report["done"]:
-        print(f"  done    {name}")
+        blocks = report.get("blocks", {}).get(name, {})
+        resumed = f" (resumed: {blocks['resumed']} of {blocks['total']} blocks were done)" if blocks.get("resumed") else ""
+        print(f"  done    {name}{resumed}")
     for uri, reason in report["failed"].items():
         print(f"  failed  {reason if reason.startswith(uri) else f'{uri}: {reason}'}")
     print(f"report: {Path(out) / 'runs' / (report['run_id'] + '.json')}; statistics: segpipe stats {out}")

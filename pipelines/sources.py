@@ -47,11 +47,7 @@ class SourceInfo:
 
     @property
     def stem(self) -> str:
-        name = Path(self.uri).name
-        for suffix in (".ome.zarr", ".zarr") + VOLUME_SUFFIXES + SLIDE_SUFFIXES + (".tif", ".tiff"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem
+        return image_stem(self.uri)
 
     @property
     def working_mpp(self) -> float | None:
@@ -59,6 +55,15 @@ class SourceInfo:
         if self.kind != "slide" or self.detail.mpp_x is None:
             return None
         return self.detail.mpp_x * self.detail.level_downsamples[self.slide_level] * self.slide_scale
+
+
+def image_stem(uri: str) -> str:
+    """The image's name without its format suffix (the name of its output folder)."""
+    name = Path(uri.rstrip("/")).name
+    for suffix in (".ome.zarr", ".zarr") + VOLUME_SUFFIXES + SLIDE_SUFFIXES + (".tif", ".tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def inspect_source(uri: str | Path, card: ModelCard) -> SourceInfo:
