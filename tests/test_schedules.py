@@ -229,7 +229,7 @@ def test_the_server_turns_the_cron_into_the_next_nights_runs(prefect_api):
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         deployment_id = segment_archive.to_deployment(
             name=name, schedules=[cron_schedule(NIGHTLY)], entrypoint_type=EntrypointType.MODULE_PATH,
-            parameters={"archive": "s3://archive/scenes", "model": "s2-cloud", "out": "s3://results/nightly"},
+            parameters={"archive": "s3://archive/scenes", "model": "s2-cloud", "out": "/data/segpipe/nightly"},
         ).apply()
     try:
         with prefect_client(prefect_api) as client:
