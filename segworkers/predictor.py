@@ -10,6 +10,7 @@ one writer. Works the same over (H, W) and (D, H, W).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipelines.zarr_stores import NODATA_LABEL, read_padded
 from segworkers.crf import dense_crf
 from segworkers.tile_models import load_tile_model
 
+logger = logging.getLogger(__name__)
 CRF_PARAMETERS = ("iterations", "w_appearance", "theta_alpha", "theta_beta", "w_smoothness", "theta_gamma")
 
 
@@ -104,6 +106,22 @@ class BlockPredictor:
         return logits[(slice(None), slice(None), *crop)]
 
     def segment(self, job: BlockJob) -> BlockResult:
+        """Segment one block. When the GPU runs out of memory, halve the batch and redo the
+        block (never the image); the smaller batch is kept for the blocks that follow."""
+        import torch
+
+        while True:
+            try:
+                return self.segment_block(job)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                logger.warning("out of GPU memory in block %s: batch size now %d", job.block.start, self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def segment_block(self, job: BlockJob) -> BlockResult:
         image = zarr.open_array(job.image_store, mode="r")
         halo = self.model.halo
         dims = len(job.block.start)
