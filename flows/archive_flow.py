@@ -229,4 +229,4 @@ def write_run_report(root: Path, report: dict) -> None:
     """<root>/runs/<run id>.json: what the last attempt of the run did."""
     folder = root / "runs"
     folder.mkdir(exist_ok=True)
-    image_run.write_atomically(folder / f"{report['run_id']}.json", json.dumps(report, indent=2).encode())
+    storage.write_whole(folder / f"{report['run_id']}.json", json.dumps(report, indent=2).encode())

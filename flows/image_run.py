@@ -192,15 +192,8 @@ def prepare_work_dir(run: ImageRun) -> bool:
             pass  # a torn state file: start again
     shutil.rmtree(run.work_dir, ignore_errors=True)
     run.work_dir.mkdir(parents=True)
-    write_atomically(run.state_file, json.dumps(state).encode())
+    storage.write_whole(run.state_file, json.dumps(state).encode())
     return False
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """The whole file or nothing, whenever the process dies."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(path)
 
 
 def region_id(region: Region) -> str:
@@ -229,7 +222,7 @@ def ingest(run: ImageRun) -> None:
         mask = tissue_mask(run.source.detail.uri, FACTOR, run.source.slide_level, run.source.slide_scale)
     buffer = io.BytesIO()
     np.save(buffer, mask)
-    write_atomically(run.background_mask, buffer.getvalue())
+    storage.write_whole(run.background_mask, buffer.getvalue())
 
 
 @dataclass(frozen=True)
@@ -252,8 +245,7 @@ def segment(run: ImageRun, pool: ActorPool | None = None) -> SegmentSummary:
 
     Each finished block is recorded in the work folder; a resumed run segments only the blocks
     without a record (those in flight when it was interrupted, and those never started)."""
-    prepare_work_dir(run)
-    run.blocks_dir.mkdir(exist_ok=True)
+    run.blocks_dir.mkdir(exist_ok=True)  # the work folder is ingest's (prepare_work_dir)
     return segment_store(
         run.card,
         run.settings,
@@ -347,7 +339,7 @@ def write_block_record(blocks_dir: Path, result: BlockResult) -> None:
     record = {"start": list(result.block.start), "stop": list(result.block.stop), "tiles_run": result.tiles_run,
               "class_counts": result.class_counts.tolist(),
               "class_areas": None if result.class_areas is None else result.class_areas.tolist()}
-    write_atomically(blocks_dir / f"{region_id(result.block)}.json", json.dumps(record).encode())
+    storage.write_whole(blocks_dir / f"{region_id(result.block)}.json", json.dumps(record).encode())
 
 
 def load_block_records(blocks_dir: Path) -> dict[tuple[int, ...], BlockResult]:

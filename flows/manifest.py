@@ -33,8 +33,4 @@ def is_done(out_root: Path, key: str) -> bool:
 
 def mark_done(out_root: Path, key: str, record: dict) -> None:
     """Written last, after every output is in place; the rename makes it all-or-nothing."""
-    path = manifest_path(out_root, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(record, indent=2, default=str))
-    partial.replace(path)
+    storage.write_whole(manifest_path(out_root, key), json.dumps(record, indent=2, default=str).encode())

@@ -207,7 +207,7 @@ def begin_run(stats_root: str | Path, run_id: str, run_date: dt.date) -> dt.date
     if fs.exists(path):
         with fs.open(path, "r") as handle:
             return dt.date.fromisoformat(json.load(handle)["run_date"])
-    _write_bytes(record, json.dumps({"run_id": run_id, "run_date": run_date.isoformat()}).encode())
+    storage.write_whole(record, json.dumps({"run_id": run_id, "run_date": run_date.isoformat()}).encode())
     return run_date
 
 
@@ -328,18 +328,4 @@ def _write_parquet(path: str, table: pa.Table) -> None:
     table = table.replace_schema_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    _write_bytes(path, buffer.getvalue())
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file: locally through a temporary name and a rename, on object storage in
-    one PUT; either way no reader ever sees half a file."""
-    if storage.is_remote(path):
-        fs, key = storage.filesystem(path)
-        fs.pipe_file(key, data)
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(target)
+    storage.write_whole(path, buffer.getvalue())

@@ -10,6 +10,7 @@ The helpers below answer the common questions without SQL; each returns a pyarro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -83,10 +84,7 @@ def connect(stats_root: str) -> duckdb.DuckDBPyConnection:
 def sql(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table:
     try:
         relation = con.sql(query)
-    except duckdb.Error as exc:
-        raise InputError("--sql", str(exc).splitlines()[0]) from exc
-    # A statement that returns no rows (CREATE, SET ...) gives no relation.
-    try:
+        # A statement that returns no rows (CREATE, SET ...) gives no relation.
         return relation.to_arrow_table() if relation is not None else pa.table({})
     except duckdb.Error as exc:
         raise InputError("--sql", str(exc).splitlines()[0]) from exc
@@ -146,7 +144,7 @@ def changes(con: duckdb.DuckDBPyConnection, before: dt.date, after: dt.date, by:
 def top_images(con: duckdb.DuckDBPyConnection, class_name: str, count: int, filters: Filters = Filters()) -> pa.Table:
     """The images where `class_name` covers the largest share of the valid pixels, each image
     by its latest run (within the filters)."""
-    where, parameters = Filters(**{**filters.__dict__, "classes": (class_name,)}).where()
+    where, parameters = dataclasses.replace(filters, classes=(class_name,)).where()
     query = f"""
         SELECT image, image_uri, run_date, run_id, model, class_name, pixel_count, valid_pixels,
                pixel_count / NULLIF(valid_pixels, 0) AS share, area, area_unit

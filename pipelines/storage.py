@@ -195,6 +195,20 @@ def put_tree(local_dir: str | Path, uri: str | Path) -> list[str]:
     return [f"{base}/{name}" for name in relative]
 
 
+def write_whole(uri: str | Path, data: bytes) -> None:
+    """Write a whole file: locally through a hidden temporary name and a rename, on object
+    storage in one PUT; either way no reader ever sees half a file, whenever the writer dies."""
+    if is_remote(uri):
+        fs, key = filesystem(uri)
+        fs.pipe_file(key, data)
+        return
+    target = _local_path(str(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+
+
 def gdal_path(uri: str | Path) -> str:
     """The GDAL virtual-filesystem path for `uri`: s3://bucket/key -> /vsis3/bucket/key.
 
