@@ -43,16 +43,21 @@ def tile_weights(mode: str, tile_shape: tuple[int, ...]) -> np.ndarray:
 
 
 class BlockAccumulator:
-    """Accumulates weighted class probabilities of tiles for the pixels of one block only."""
+    """Accumulates weighted class probabilities of tiles for the pixels of one block only.
 
-    def __init__(self, block: Region, num_classes: int, weights: np.ndarray):
+    The arrays are of the weights' kind: numpy arrays, or torch tensors on any device (a GPU
+    worker keeps its block on the GPU). The arithmetic is the same elementwise fp32 either way,
+    so both give the same sums.
+    """
+
+    def __init__(self, block: Region, num_classes: int, weights):
         self.block = block
         self.weights = weights
-        self.sums = np.zeros((num_classes, *block.shape), dtype=np.float32)
-        self.weight_sums = np.zeros(block.shape, dtype=np.float32)
+        self.sums = fp32_zeros_like(weights, (num_classes, *block.shape))
+        self.weight_sums = fp32_zeros_like(weights, block.shape)
 
-    def add(self, tile: Region, probabilities: np.ndarray) -> None:
-        """probabilities: (K, *tile.shape) float32 for the tile at its global position."""
+    def add(self, tile: Region, probabilities) -> None:
+        """probabilities: (K, *tile.shape) fp32 for the tile at its global position."""
         overlap = tile.intersection(self.block)
         if overlap is None:
             return
@@ -61,14 +66,21 @@ class BlockAccumulator:
         self.sums[(slice(None), *in_block)] += probabilities[(slice(None), *in_tile)] * self.weights[in_tile]
         self.weight_sums[in_block] += self.weights[in_tile]
 
-    def labels(self) -> np.ndarray:
-        """Argmax over classes; the total weight is a positive per-pixel factor and cannot change it."""
-        return np.argmax(self.sums, axis=0).astype(np.uint8)
+    def labels(self):
+        """Argmax over classes (int64 indexes); the total weight is a positive per-pixel factor and cannot change it."""
+        return self.sums.argmax(0)
 
-    def probabilities(self) -> np.ndarray:
+    def probabilities(self):
         """The weighted mean probabilities; 0 where no tile contributed (skipped background)."""
-        covered = self.weight_sums > 0
-        return np.divide(self.sums, self.weight_sums, out=np.zeros_like(self.sums), where=covered)
+        # Covered pixels have a total weight of at least the smallest tile weight, far above `tiny`.
+        return self.sums / self.weight_sums.clip(min=float(np.finfo(np.float32).tiny))
+
+
+def fp32_zeros_like(like, shape: tuple[int, ...]):
+    """fp32 zeros of `like`'s kind: a numpy array, or a torch tensor on like's device (torch stays unimported here)."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, dtype=np.float32)
+    return like.new_zeros(shape)
 
 
 def quantise_probabilities(probabilities: np.ndarray) -> np.ndarray:

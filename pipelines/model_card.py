@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -18,7 +18,27 @@ import yaml
 from pipelines.errors import InputError
 
 FORMATS = ("onnx", "torchscript", "smp", "torchvision", "registry")
+PRECISIONS = ("fp32", "fp16", "bf16")
 BUILTIN_CARDS = Path(__file__).with_name("cards")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a torch model is run: speed options that may change outputs slightly, never their meaning.
+
+    precision: "fp32", or "fp16" / "bf16" autocast of the forward pass (softmax, blending and
+    argmax stay fp32). channels_last: NHWC memory format for the model's input and weights.
+    compile: torch.compile the model once per worker. cuda_graphs: capture the forward in CUDA
+    graphs (batches are always padded to one fixed size, so shapes are static); CUDA only, ignored
+    with a warning on the CPU. ONNX models run in onnxruntime: only fp32 without compile is
+    accepted for them (a card or override asking more is an InputError); channels_last and
+    cuda_graphs are ignored there. TorchScript models cannot be compiled (InputError).
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,8 @@ class ModelCard:
     """Slides: the resolution the model was trained at, µm per pixel (input.mpp)."""
     postprocess: dict = field(default_factory=dict)
     """`{name: crf, halo: 32, intensity_scale: 1.0, <dense_crf parameters>}` or empty."""
+    runtime: RuntimeOptions = RuntimeOptions()
+    """Precision and speed options (card section `runtime`, overridden by the CLI: with_runtime)."""
     source: str = ""
 
     @property
@@ -73,13 +95,27 @@ class ModelCard:
         """Pixels around each block whose probabilities post-processing needs (the CRF's halo)."""
         return int(self.postprocess.get("halo", 32)) if self.postprocess else 0
 
+    def with_runtime(
+        self,
+        precision: str | None = None,
+        channels_last: bool | None = None,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
+    ) -> ModelCard:
+        """A copy of this card whose runtime options are overridden by the arguments that are not None."""
+        given = {"precision": precision, "channels_last": channels_last, "compile": compile, "cuda_graphs": cuda_graphs}
+        overrides = {key: value for key, value in given.items() if value is not None}
+        runtime = replace(self.runtime, **overrides)
+        check_runtime(runtime, self.format, self.source or self.name)
+        return replace(self, runtime=runtime)
+
     def digest(self) -> str:
         """A hash of everything that changes the model's output: card fields and weights bytes."""
         h = hashlib.sha256()
-        fields = asdict(self)
-        fields.pop("source")
-        fields["weights"] = self.weights.name
-        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        card_fields = asdict(self)
+        card_fields.pop("source")
+        card_fields["weights"] = self.weights.name
+        h.update(json.dumps(card_fields, sort_keys=True, default=str).encode())
         weights_files = sorted(p for p in self.weights.rglob("*") if p.is_file()) if self.weights.is_dir() else [self.weights]
         for path in weights_files:
             with open(path, "rb") as f:
@@ -153,13 +189,42 @@ def parse_card(raw: dict, path: Path) -> ModelCard:
         preview_bands=tuple(int(b) for b in inputs.get("preview_bands", range(min(3, len(bands))))),
         mpp=float(inputs["mpp"]) if inputs.get("mpp") is not None else None,
         postprocess=dict(raw.get("postprocess") or {}),
+        runtime=parse_runtime(raw.get("runtime"), path),
         source=str(path),
     )
     if card.postprocess and card.postprocess.get("name") != "crf":
         raise InputError(path, f"unknown postprocess {card.postprocess.get('name')!r} (expected 'crf')")
     if card.format in ("registry", "torchvision") and not card.architecture:
         raise InputError(path, f"a '{card.format}' model card must name its 'architecture'")
+    check_runtime(card.runtime, card.format, path)
     return card
+
+
+def parse_runtime(section, path: Path) -> RuntimeOptions:
+    """The card's optional `runtime: {precision, channels_last, compile, cuda_graphs}` section."""
+    if section is None:
+        return RuntimeOptions()
+    if not isinstance(section, dict):
+        raise InputError(path, f"model card 'runtime' must be a mapping, not {section!r}")
+    known = [f.name for f in fields(RuntimeOptions)]
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise InputError(path, f"unknown key 'runtime.{unknown[0]}' in model card (expected {', '.join(known)})")
+    return RuntimeOptions(**section)
+
+
+def check_runtime(runtime: RuntimeOptions, fmt: str, where) -> None:
+    """Reject bad runtime values, and options the model's format cannot honour (ONNX: fp32 and
+    no compile; TorchScript: no compile)."""
+    if runtime.precision not in PRECISIONS:
+        raise InputError(where, f"model card 'runtime.precision' is {runtime.precision!r} (expected one of {', '.join(PRECISIONS)})")
+    for key in ("channels_last", "compile", "cuda_graphs"):
+        if not isinstance(getattr(runtime, key), bool):
+            raise InputError(where, f"model card 'runtime.{key}' is {getattr(runtime, key)!r} (expected true or false)")
+    if fmt == "onnx" and (runtime.precision != "fp32" or runtime.compile):
+        raise InputError(where, "an ONNX model runs in onnxruntime: 'runtime.precision' must be fp32 and 'runtime.compile' false")
+    if fmt == "torchscript" and runtime.compile:
+        raise InputError(where, "torch.compile cannot compile a TorchScript model: 'runtime.compile' must be false")
 
 
 def resolve_weights(spec: str, card_path: Path) -> Path:

@@ -1,8 +1,12 @@
 """Load the model a card describes as a function from a batch of tiles to logits.
 
-    model = load_tile_model(card, device="cpu", threads=2)
-    logits = model(batch)        # float32 (N, C, *input) -> float32 (N, K, *output)
-    model.halo                   # context (pixels) to read around each tile
+    model = load_tile_model(card, device="cuda", threads=2)
+    logits = model.forward(batch)  # fp32 tensor (N, C, *input) on model.device -> fp32 logits (N, K, *output)
+    logits = model(array)          # the same from and to numpy arrays (references, benchmarks)
+    model.halo                     # context (pixels) to read around each tile
+
+The card's runtime options shape the forward pass of torch models: autocast to fp16/bf16
+(logits come back fp32), channels_last inputs and weights, torch.compile, CUDA graphs.
 
 One adapter per card format; weights only ever come from files:
 - onnx: an .onnx graph run by onnxruntime (CUDA provider on a GPU)
@@ -18,14 +22,20 @@ State dicts are read from .safetensors, or with torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from pipelines.errors import InputError
-from pipelines.model_card import ModelCard
+from pipelines.model_card import ModelCard, RuntimeOptions
+
+logger = logging.getLogger(__name__)
 
 TORCHVISION_SEGMENTATION = (
     "fcn_resnet50",
@@ -39,11 +49,17 @@ TORCHVISION_SEGMENTATION = (
 
 @dataclass(frozen=True)
 class TileModel:
-    run: Callable[[np.ndarray], np.ndarray]
+    forward: Callable[[Any], Any]
+    """fp32 tensor (N, C, *input) on `device` -> fp32 logits tensor (N, K, *output) on the same device."""
     halo: int = 0
+    device: str = "cpu"
+    memory_format: Any = None
+    """The torch memory format the forward pass wants its input in (None: contiguous)."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(batch)
+        import torch
+
+        return self.forward(torch.from_numpy(batch).to(self.device)).cpu().numpy()
 
 
 def best_device(card: ModelCard) -> str:
@@ -61,17 +77,20 @@ def best_device(card: ModelCard) -> str:
 
 def load_tile_model(card: ModelCard, device: str, threads: int) -> TileModel:
     if card.format == "onnx":
-        return TileModel(load_onnx(card, device, threads), card.halo)
+        return TileModel(load_onnx(card, device, threads), card.halo, device)
     try:
         module = build_torch_module(card)
     except InputError:
         raise
     except Exception as exc:  # a weights file the runtime rejects is bad input, not a bug
         raise InputError(card.weights, f"cannot load {card.format} model of card {card.source}: {exc}") from exc
-    return TileModel(wrap_torch_module(module, device, threads), card.halo or getattr(module, "halo", 0))
+    memory_format = channels_last_format(card.spatial_dims) if card.runtime.channels_last else None
+    forward = torch_forward(module, device, threads, card.runtime, memory_format)
+    return TileModel(forward, card.halo or getattr(module, "halo", 0), device, memory_format)
 
 
-def load_onnx(card: ModelCard, device: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def load_onnx(card: ModelCard, device: str, threads: int) -> Callable:
+    """onnxruntime behind the tensor forward interface (numpy in and out on the host)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -88,27 +107,124 @@ def load_onnx(card: ModelCard, device: str, threads: int) -> Callable[[np.ndarra
         raise InputError(card.weights, f"cannot load onnx model of card {card.source}: {exc}") from exc
     input_name = session.get_inputs()[0].name
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: batch})[0].astype(np.float32, copy=False)
+    def forward(batch):
+        import torch
 
-    return run
+        inputs = np.ascontiguousarray(batch.cpu().numpy())
+        logits = session.run(None, {input_name: inputs})[0].astype(np.float32, copy=False)
+        return torch.from_numpy(logits).to(batch.device)
+
+    return forward
 
 
-def wrap_torch_module(module, device: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def channels_last_format(spatial_dims: int):
+    import torch
+
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def torch_forward(module, device: str, threads: int, runtime: RuntimeOptions, memory_format=None) -> Callable:
+    """The module's forward pass on `device` as the runtime options ask, fp32 logits out.
+
+    Autocast (fp16/bf16) covers the model only: callers take softmax, blend and argmax in fp32.
+    torch.compile runs once, on the first batch of each shape (batches have one fixed shape).
+    CUDA graphs are captured here (CudaGraphForward) rather than by inductor's "reduce-overhead"
+    mode, whose graph trees are per thread: an actor runs its blocks on several threads.
+    """
     import torch
 
     if device == "cpu":
         torch.set_num_threads(threads)
     module = module.to(device).eval()
+    if memory_format is not None:
+        module = module.to(memory_format=memory_format)
+    on_cuda = torch.device(device).type == "cuda"
+    if runtime.cuda_graphs and not on_cuda:
+        warn_once(f"CUDA graphs asked for on {device}: ignored (they need a GPU)")
+    if runtime.compile:
+        module = torch.compile(module, mode="max-autotune-no-cudagraphs" if on_cuda else None, dynamic=False)
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.precision)
+    device_type = torch.device(device).type
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            logits = module(torch.from_numpy(batch).to(device))
+    def run(batch):
+        # No autocast cache: it would keep cast weights alive across CUDA graph capture.
+        autocast = torch.autocast(device_type, autocast_dtype, cache_enabled=False) if autocast_dtype else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            logits = module(batch.contiguous(memory_format=memory_format or torch.contiguous_format))
         if isinstance(logits, dict):  # torchvision segmentation models
             logits = logits["out"]
-        return logits.float().cpu().numpy()
+        return logits.float()
 
+    if runtime.cuda_graphs and on_cuda:
+        return CudaGraphForward(run)
+    if runtime.compile:  # compiling (on the first call of each shape) is not thread-safe
+        return serialised(run)
     return run
+
+
+def serialised(function: Callable) -> Callable:
+    lock = threading.Lock()
+
+    def call(*args):
+        with lock:
+            return function(*args)
+
+    return call
+
+
+class CudaGraphForward:
+    """A forward pass captured into one CUDA graph per input shape, then replayed.
+
+    Replays share the graph's static input and output buffers, so calls from several threads
+    (each on its own CUDA stream) take turns: one lock on the host, and on the GPU each call's
+    stream waits for the previous call's copy of the output before overwriting the input.
+    """
+
+    def __init__(self, run: Callable):
+        self.run = run
+        self.graphs: dict = {}
+        self.lock = threading.Lock()
+        self.previous_call_done = None
+
+    def __call__(self, batch):
+        import torch
+
+        with self.lock:
+            stream = torch.cuda.current_stream()
+            if self.previous_call_done is not None:
+                stream.wait_event(self.previous_call_done)
+            key = (tuple(batch.shape), batch.dtype, batch.stride(), batch.device)
+            if key not in self.graphs:
+                self.graphs[key] = self.capture(batch)
+            graph, static_input, static_output = self.graphs[key]
+            static_input.copy_(batch)
+            graph.replay()
+            logits = static_output.clone()
+            self.previous_call_done = torch.cuda.Event()
+            self.previous_call_done.record(stream)
+            return logits
+
+    def capture(self, example):
+        import torch
+
+        static_input = example.clone()  # keeps the example's memory format
+        # Warm-up off the capture: compilation, autotuning, cuDNN and cuBLAS workspaces.
+        warm_up = torch.cuda.Stream(example.device)
+        warm_up.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm_up):
+            for _ in range(3):
+                self.run(static_input)
+        torch.cuda.current_stream().wait_stream(warm_up)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the other threads' blocks may synchronise their own streams meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_output = self.run(static_input)
+        return graph, static_input, static_output
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def build_torch_module(card: ModelCard):

@@ -46,13 +46,13 @@ def test_out_of_memory_halves_the_batch_and_redoes_the_block(sentinel_scene, tmp
     predictor = BlockPredictor(card, batch_size=8)
     real_model, calls = predictor.model, []
 
-    def runs_out_above_two(batch: np.ndarray) -> np.ndarray:
+    def runs_out_above_two(batch: torch.Tensor) -> torch.Tensor:
         calls.append(len(batch))
         if len(batch) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_model(batch)
+        return real_model.forward(batch)
 
-    predictor.model = TileModel(runs_out_above_two, real_model.halo)
+    predictor.model = TileModel(runs_out_above_two, real_model.halo, real_model.device)
     zarr.open_array(job.label_store, mode="r+")[:] = 255
     result = predictor.segment(job)
 

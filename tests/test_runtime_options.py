@@ -1,0 +1,336 @@
+"""Runtime options (precision, channels_last, torch.compile, CUDA graphs) from the model card,
+and the device-side block pipeline: raw pixels to the device once, blending and argmax there.
+
+The CPU tests run everywhere; the CUDA tests skip without a GPU."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from flows.benchmarks.scenes import real_rgb_tile, rgb_card, write_small_net_card
+from pipelines.blending import gaussian_weights
+from pipelines.errors import InputError
+from pipelines.model_card import RuntimeOptions, load_card
+from pipelines.tiling import TileGrid, block_partition
+from pipelines.zarr_stores import (
+    NODATA_LABEL,
+    create_label_store,
+    create_probability_store,
+)
+from segworkers.predictor import BlockJob, BlockPredictor
+from segworkers.tile_models import TileModel
+
+TILE = 64
+HOLE = (slice(120, 200), slice(0, 90))  # a corner without data in any band
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def rgb_image(tmp_path_factory):
+    """The real Sentinel-2 scene as 8-bit RGB in a Zarr image store, with a nodata (0) corner."""
+    pixels, _ = real_rgb_tile()
+    pixels[(slice(None), *HOLE)] = 0
+    store = tmp_path_factory.mktemp("rgb") / "image.zarr"
+    zarr.create_array(store=str(store), data=pixels, chunks=(3, TILE, TILE), attributes={"nodata": 0})
+    return store, pixels
+
+
+def write_he_unet_card(folder):
+    """The registry's unet_padded (base 16, depth 3) with He-initialised random weights, whose
+    labels on the real scene are varied (a default-initialised one predicts one class)."""
+    from segworkers import models
+
+    torch.manual_seed(2)
+    options = {"base_features": 16, "depth": 3}
+    net = models.create("unet_padded", num_classes=4, in_channels=3, **options)
+    for layer in net.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(layer.bias)
+    torch.save(net.state_dict(), folder / "he-unet.pt")
+    card = rgb_card("he-unet", TILE, 0.25, 4, {
+        "format": "registry", "architecture": "unet_padded", "architecture_options": options, "weights": "he-unet.pt"})
+    (folder / "he-unet.yaml").write_text(yaml.safe_dump(card))
+    return folder / "he-unet.yaml"
+
+
+@pytest.fixture(scope="module")
+def cards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cards")
+    return {"small-net": load_card(write_small_net_card(folder, tile=TILE)), "unet": load_card(write_he_unet_card(folder))}
+
+
+def segment_image(predictor: BlockPredictor, image_store, folder, block: int = 128, tta: bool = False,
+                  probabilities: bool = False, row_areas: np.ndarray | None = None, threads: int = 1):
+    """Every block of the image through the predictor (no Ray), `threads` blocks at a time."""
+    shape = zarr.open_array(str(image_store)).shape[1:]
+    grid = TileGrid(shape, predictor.card.tile_size, predictor.card.overlap)
+    label_store = folder / "labels.zarr"
+    create_label_store(label_store, shape, chunk=TILE, block=block, attributes={})
+    probability_store = folder / "probabilities.zarr" if probabilities else None
+    if probabilities:
+        create_probability_store(probability_store, predictor.card.num_classes, shape, TILE, block, {})
+    jobs = [
+        BlockJob(str(image_store), str(label_store), b, tuple(grid.tiles_touching(b)), grid.tile_size, tta=tta,
+                 probability_store=str(probability_store) if probabilities else None,
+                 row_areas=None if row_areas is None else row_areas[b.start[0] : b.stop[0]])
+        for b in block_partition(shape, (block, block))
+    ]
+    results = [None] * len(jobs)
+
+    def work(indexes):
+        for i in indexes:
+            results[i] = predictor.segment(jobs[i])
+
+    workers = [threading.Thread(target=work, args=(range(k, len(jobs), threads),)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    labels = zarr.open_array(str(label_store))[:]
+    return labels, results, (zarr.open_array(str(probability_store))[:] if probabilities else None)
+
+
+def per_tile_reference(card, pixels: np.ndarray, batch: int = 4, tta: bool = False):
+    """A plain loop over the whole image's tiles with the TorchScript module itself, numpy
+    normalisation, softmax and Gaussian blending: (labels with nodata, mean probabilities)."""
+    module = torch.jit.load(str(card.weights)).eval()
+    x = (pixels.astype(np.float32) * np.float32(card.scale) - np.float32(card.mean).reshape(-1, 1, 1)) / np.float32(card.std).reshape(-1, 1, 1)
+    grid = TileGrid(pixels.shape[1:], card.tile_size, card.overlap)
+    weights = gaussian_weights((card.tile_size,) * 2)
+    sums = np.zeros((card.num_classes, *pixels.shape[1:]), np.float32)
+    total_weight = np.zeros(pixels.shape[1:], np.float32)
+    flips = [(), (1,), (2,), (1, 2)] if tta else [()]
+    for origin in itertools.product(*grid.origins):
+        window = tuple(slice(o, o + card.tile_size) for o in origin)
+        views = []
+        for axes in flips:
+            tile = np.ascontiguousarray(np.flip(x[(slice(None), *window)], axes))
+            with torch.inference_mode():
+                logits = module(torch.from_numpy(np.repeat(tile[None], batch, axis=0)))[0].numpy()
+            exp = np.exp(logits - logits.max(axis=0))
+            views.append(np.flip(exp / exp.sum(axis=0), axes))
+        probabilities = np.mean(views, axis=0, dtype=np.float32)
+        sums[(slice(None), *window)] += probabilities * weights
+        total_weight[window] += weights
+    labels = sums.argmax(axis=0).astype(np.uint8)
+    labels[(pixels == 0).all(axis=0)] = NODATA_LABEL
+    return labels, sums / total_weight
+
+
+# --- the card ---------------------------------------------------------------------------------
+
+def write_card(folder, cards, runtime) -> object:
+    raw = yaml.safe_load(Path(cards["unet"].source).read_text())
+    raw["runtime"] = runtime
+    raw["weights"] = str(cards["unet"].weights)
+    path = folder / "runtime.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_runtime_section_of_a_card_is_parsed(cards, tmp_path):
+    card = load_card(write_card(tmp_path, cards, {"precision": "bf16", "channels_last": True, "compile": True}))
+    assert card.runtime == RuntimeOptions(precision="bf16", channels_last=True, compile=True, cuda_graphs=False)
+    assert cards["unet"].runtime == RuntimeOptions()  # no section: fp32, nothing else
+
+
+@pytest.mark.parametrize("runtime,key", [
+    ({"precision": "fp8"}, "runtime.precision"),
+    ({"precision": "bf16", "channels_last": "yes"}, "runtime.channels_last"),
+    ({"cuda_graphs": 1}, "runtime.cuda_graphs"),
+    ({"amp": True}, "runtime.amp"),
+    (["bf16"], "'runtime'"),
+])
+def test_bad_runtime_values_name_the_card_and_the_key(cards, tmp_path, runtime, key):
+    path = write_card(tmp_path, cards, runtime)
+    with pytest.raises(InputError) as error:
+        load_card(path)
+    assert str(path) in str(error.value) and key in str(error.value)
+
+
+def test_with_runtime_overrides_only_the_options_given(cards):
+    card = cards["unet"]
+    fast = card.with_runtime(precision="bf16", channels_last=True)
+    assert fast.runtime == RuntimeOptions(precision="bf16", channels_last=True)
+    assert fast.with_runtime(compile=True, precision=None).runtime == RuntimeOptions("bf16", True, True, False)
+    assert card.runtime == RuntimeOptions() and fast.digest() != card.digest()
+    assert replace(fast, runtime=RuntimeOptions()).digest() == card.digest()
+    with pytest.raises(InputError, match="runtime.precision"):
+        card.with_runtime(precision="fp64")
+
+
+def test_options_a_model_format_cannot_honour_are_refused(cards):
+    onnx = load_card("s2-cloud")
+    assert onnx.with_runtime(channels_last=True, cuda_graphs=True).runtime.channels_last  # accepted, no effect
+    for options in ({"precision": "bf16"}, {"compile": True}):
+        with pytest.raises(InputError, match="ONNX"):
+            onnx.with_runtime(**options)
+    with pytest.raises(InputError, match="TorchScript"):
+        cards["small-net"].with_runtime(compile=True)
+
+
+# --- the device path on the CPU ---------------------------------------------------------------
+
+def test_device_path_equals_a_per_tile_reference_with_statistics(rgb_image, cards, tmp_path):
+    """Blocks of 128 px through the predictor (TTA on, two blocks at a time) give the labels,
+    probabilities, class counts and per-row areas of one loop over the whole image's tiles."""
+    store, pixels = rgb_image
+    card = cards["small-net"]
+    row_areas = np.linspace(90.0, 110.0, pixels.shape[1])
+    labels, results, probabilities = segment_image(
+        BlockPredictor(card, batch_size=4), store, tmp_path, tta=True, probabilities=True, row_areas=row_areas, threads=2)
+    expected_labels, expected_probabilities = per_tile_reference(card, pixels, tta=True)
+
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert (labels[HOLE] == NODATA_LABEL).all() and len(np.unique(labels)) > 2
+    valid = labels != NODATA_LABEL
+    quantised = np.rint(np.clip(expected_probabilities, 0, 1) * 255).astype(np.uint8) * valid
+    np.testing.assert_array_equal(probabilities, quantised)
+    counts = np.sum([r.class_counts for r in results], axis=0)
+    np.testing.assert_array_equal(counts, [np.sum(labels == k) for k in range(card.num_classes)])
+    areas = np.sum([r.class_areas for r in results], axis=0)
+    expected_areas = [((labels == k) * row_areas[:, None]).sum() for k in range(card.num_classes)]
+    np.testing.assert_allclose(areas, expected_areas, rtol=1e-12)
+
+
+def label_agreement(card, rgb_image, folder, **runtime) -> tuple[float, np.ndarray, np.ndarray]:
+    store, _ = rgb_image
+    reference, _, _ = segment_image(BlockPredictor(card, batch_size=4), store, folder / "fp32")
+    labels, _, _ = segment_image(BlockPredictor(card.with_runtime(**runtime), batch_size=4), store, folder / "options")
+    valid = reference != NODATA_LABEL
+    assert (labels[~valid] == NODATA_LABEL).all() and len(np.unique(reference[valid])) > 1
+    return float((labels[valid] == reference[valid]).mean()), labels, reference
+
+
+def test_bf16_autocast_labels_agree_with_fp32(rgb_image, cards, tmp_path):
+    agreement, _, _ = label_agreement(cards["unet"], rgb_image, tmp_path, precision="bf16")
+    print(f"bf16 (CPU autocast) vs fp32, He-initialised U-Net on the real scene: {100 * agreement:.2f} % of pixels agree")
+    assert agreement >= 0.99
+
+
+def test_channels_last_fp32_labels_equal_fp32(rgb_image, cards, tmp_path):
+    agreement, labels, reference = label_agreement(cards["unet"], rgb_image, tmp_path, channels_last=True)
+    print(f"channels_last vs contiguous fp32: {100 * agreement:.4f} % of pixels agree")
+    np.testing.assert_array_equal(labels, reference)
+
+
+def test_compiled_model_equals_eager(rgb_image, cards, tmp_path):
+    agreement, labels, reference = label_agreement(cards["unet"], rgb_image, tmp_path, compile=True)
+    print(f"torch.compile (inductor, CPU) vs eager: {100 * agreement:.4f} % of pixels agree")
+    np.testing.assert_array_equal(labels, reference)
+
+
+def test_cuda_graphs_on_the_cpu_are_ignored_with_one_warning(cards, caplog):
+    from segworkers.tile_models import warn_once
+
+    card = cards["small-net"].with_runtime(cuda_graphs=True)
+    warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="segworkers.tile_models"):
+        graphs_asked, plain = BlockPredictor(card), BlockPredictor(cards["small-net"])
+        BlockPredictor(card)
+    assert [r.getMessage() for r in caplog.records] == ["CUDA graphs asked for on cpu: ignored (they need a GPU)"]
+    batch = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, TILE, TILE), dtype=np.float32))
+    np.testing.assert_array_equal(graphs_asked.model.forward(batch), plain.model.forward(batch))
+
+
+def test_out_of_memory_in_two_blocks_at_once_halves_the_batch_once_per_failure(rgb_image, cards, tmp_path):
+    """Two threads run into the (simulated) OOM with batch 8: the batch ends at 2, the largest
+    that fits, not at 1, and the labels are those of a batch-2 run."""
+    store, _ = rgb_image
+    card = cards["small-net"]
+    expected, _, _ = segment_image(BlockPredictor(card, batch_size=2), store, tmp_path / "batch2")
+    predictor = BlockPredictor(card, batch_size=8)
+    real_model = predictor.model
+
+    def runs_out_above_two(batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_model.forward(batch)
+
+    predictor.model = TileModel(runs_out_above_two, real_model.halo, real_model.device)
+    labels, _, _ = segment_image(predictor, store, tmp_path / "oom", threads=2)
+    assert predictor.batch_size == 2
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_the_threaded_actor_reports_its_node_and_matches_the_predictor(ray_cluster, rgb_image, cards, tmp_path):
+    import ray
+
+    from segworkers.actors import SegmentationActor
+
+    store, _ = rgb_image
+    card = cards["small-net"]
+    expected, _, _ = segment_image(BlockPredictor(card), store, tmp_path / "direct")
+    shape = expected.shape
+    grid = TileGrid(shape, TILE, card.overlap)
+    label_store = tmp_path / "actor.zarr"
+    create_label_store(label_store, shape, chunk=TILE, block=128, attributes={})
+    actor = SegmentationActor.remote(card, "cpu", 4, 1)
+    jobs = [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), TILE) for b in block_partition(shape, (128, 128))]
+    results = ray.get([actor.segment.remote(job) for job in jobs])  # all submitted at once: two run at a time
+    ray.kill(actor)
+    np.testing.assert_array_equal(zarr.open_array(str(label_store))[:], expected)
+    assert {r.node for r in results} == {ray.get_runtime_context().get_node_id()}
+
+
+# --- CUDA only ------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_labels_agree_with_cpu_fp32(rgb_image, cards, tmp_path, precision):
+    """fp32 on the GPU differs too: cuDNN convolutions use TF32 by default."""
+    store, _ = rgb_image
+    card = cards["unet"]
+    reference, _, _ = segment_image(BlockPredictor(card), store, tmp_path / "cpu")
+    labels, _, _ = segment_image(BlockPredictor(card.with_runtime(precision=precision, channels_last=True), "cuda"),
+                                 store, tmp_path / "cuda")
+    valid = reference != NODATA_LABEL
+    agreement = (labels[valid] == reference[valid]).mean()
+    print(f"cuda {precision} channels_last vs cpu fp32: {100 * agreement:.3f} % of pixels agree")
+    assert (labels[~valid] == NODATA_LABEL).all()
+    assert agreement >= 0.99
+
+
+@needs_cuda
+def test_two_blocks_at_once_on_two_streams_equal_one_at_a_time(rgb_image, cards, tmp_path):
+    store, _ = rgb_image
+    predictor = BlockPredictor(cards["unet"].with_runtime(precision="bf16", channels_last=True), "cuda")
+    one_at_a_time, _, _ = segment_image(predictor, store, tmp_path / "serial", block=64)
+    two_at_once, _, _ = segment_image(predictor, store, tmp_path / "threads", block=64, threads=2)
+    np.testing.assert_array_equal(two_at_once, one_at_a_time)
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graphs_equal_eager_on_cuda(rgb_image, cards, tmp_path, compile):
+    """Replayed graphs give the eager labels, also with two blocks at a time on two streams."""
+    store, _ = rgb_image
+    card = cards["unet"].with_runtime(precision="bf16", compile=compile)
+    eager, _, _ = segment_image(BlockPredictor(card, "cuda"), store, tmp_path / "eager")
+    graphed = BlockPredictor(card.with_runtime(cuda_graphs=True), "cuda")
+    labels, _, _ = segment_image(graphed, store, tmp_path / "graphs", threads=2)
+    assert len(graphed.model.forward.graphs) == 1  # one batch shape, captured once
+    if compile:  # two compilations may autotune to different kernels
+        assert (labels == eager).mean() >= 0.99
+    else:
+        np.testing.assert_array_equal(labels, eager)
+
+
+@needs_cuda
+def test_raw_pixels_go_to_the_gpu_through_pinned_memory(rgb_image, cards, tmp_path):
+    store, pixels = rgb_image
+    predictor = BlockPredictor(cards["small-net"], "cuda")
+    before = torch.cuda.host_memory_stats()["active_bytes.allocated"]
+    segment_image(predictor, store, tmp_path, block=256)
+    assert torch.cuda.host_memory_stats()["active_bytes.allocated"] - before >= pixels.nbytes  # every block's context (it covers the image) was pinned
