@@ -18,7 +18,6 @@ import errno
 import json
 import os
 import re
-from pathlib import Path
 
 # The ephemeral API server's telemetry heartbeat races the first migrations on SQLite
 # ("database is locked") and has no network to report to anyway.
@@ -40,7 +39,7 @@ from pipelines.model_card import load_card  # noqa: E402
 from pipelines.regions import load_regions  # noqa: E402
 from pipelines.sources import image_stem  # noqa: E402
 from pipelines.stats import begin_run, compact, validate_run_id  # noqa: E402
-from segworkers.actors import ActorPool  # noqa: E402
+from segworkers.actors import ActorPool, ensure_ray  # noqa: E402
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".nii", ".nii.gz")
 RETRY_DELAYS_S = [2, 10, 30]
@@ -108,7 +107,8 @@ def process_image(run: ImageRun, pool: ActorPool, run_id: str, run_date: dt.date
         finalize(run)
         record_stats(run, summary, run_id, run_date)
         # Small on purpose: a night of 100,000 images keeps every task's result until it ends.
-        return {"blocks": len(summary.blocks), "blocks_resumed": summary.blocks_resumed}
+        return {"blocks": len(summary.blocks), "blocks_resumed": summary.blocks_resumed,
+                "blocks_by_node": summary.blocks_by_node}
     except InputError:
         image_run.discard(run)
         raise
@@ -120,7 +120,7 @@ def discover_images(archive: str) -> list[str]:
     return storage.list_images(archive, IMAGE_SUFFIXES)
 
 
-def failure_message(exc: BaseException, out: Path) -> str:
+def failure_message(exc: BaseException, out: str) -> str:
     if isinstance(exc, InputError):
         return str(exc)
     if isinstance(exc, OSError) and (problem := storage_problem(out, exc)):
@@ -143,11 +143,14 @@ def segment_archive(
     regions: str | None = None,
     region_id: str | None = None,
     concurrency: int = 2,
+    ray_address: str | None = None,
 ) -> dict:
     """Segment each image in `archive` with `model`, writing results and statistics under `out`.
 
     The run id (default: today's date, so a night's re-run resumes the same run) names the
-    run's rows in the statistics. Returns the run's report: done, skipped and failed images."""
+    run's rows in the statistics. `ray_address` joins an existing Ray cluster (default:
+    RAY_ADDRESS, else a local one). Returns the run's report: done, skipped and failed images,
+    and blocks per Ray node."""
     logger = get_run_logger()
     card = load_card(model)
     settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, block=block, device=device,
@@ -155,10 +158,10 @@ def segment_archive(
     if regions:
         load_regions(regions, region_id)  # a bad regions file stops the run before any work
     run_id = validate_run_id(run_id or dt.date.today().isoformat())
-    root = Path(out)
-    report: dict = {"run_id": run_id, "done": [], "skipped": [], "failed": {}, "blocks": {}}
+    root = str(out)
+    report: dict = {"run_id": run_id, "done": [], "skipped": [], "failed": {}, "blocks": {}, "blocks_by_node": {}}
     with root_lock(root, run_id):
-        stats_root = root / "stats"
+        stats_root = storage.join(root, "stats")
         compact(stats_root)  # rows an interrupted earlier run left pending
         run_date = begin_run(stats_root, run_id, dt.date.today())
         report["run_date"] = run_date.isoformat()
@@ -166,6 +169,7 @@ def segment_archive(
         logger.info("run %s: %d images to segment, %d already done, %d failed to open",
                     run_id, len(runs), len(report["skipped"]), len(report["failed"]))
         if runs:
+            ensure_ray(ray_address)
             segment_images(runs, card, settings, run_id, run_date, concurrency, report)
         compact(stats_root)
         write_run_report(root, report)
@@ -174,7 +178,7 @@ def segment_archive(
     return report
 
 
-def plan_archive(uris: list[str], card, settings, root: Path, report: dict) -> list[ImageRun]:
+def plan_archive(uris: list[str], card, settings, root: str, report: dict) -> list[ImageRun]:
     """The images still to do: those the manifest has for this card and settings are skipped
     without opening them; the others are opened and checked against the card."""
     logger = get_run_logger()
@@ -208,6 +212,8 @@ def segment_images(runs: list[ImageRun], card, settings, run_id: str, run_date: 
                 try:
                     outcome = future.result()
                     report["blocks"][run.name] = {"total": outcome["blocks"], "resumed": outcome["blocks_resumed"]}
+                    for node, count in outcome["blocks_by_node"].items():
+                        report["blocks_by_node"][node] = report["blocks_by_node"].get(node, 0) + count
                     report["done"].append(run.name)
                 except Exception as exc:  # noqa: BLE001 - one image's failure is recorded, the run goes on
                     message = failure_message(exc, run.out_root)
@@ -225,8 +231,6 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower())
 
 
-def write_run_report(root: Path, report: dict) -> None:
+def write_run_report(root: str, report: dict) -> None:
     """<root>/runs/<run id>.json: what the last attempt of the run did."""
-    folder = root / "runs"
-    folder.mkdir(exist_ok=True)
-    storage.write_whole(folder / f"{report['run_id']}.json", json.dumps(report, indent=2).encode())
+    storage.write_whole(storage.join(root, "runs", f"{report['run_id']}.json"), json.dumps(report, indent=2).encode())

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment one image")
     segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack volume")
     segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
-    segment.add_argument("--out", required=True, type=Path, help="output folder")
+    segment.add_argument("--out", required=True, help="output folder or s3:// prefix")
     add_tiling_options(segment)
     segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
     segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="segment every new image of an archive (a Prefect flow; resumable)")
     run.add_argument("archive", help="a folder, a glob ('scenes/2026-*/*.tif') or an s3:// prefix")
     run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
-    run.add_argument("--out", required=True, help="output root: images, statistics, manifest")
+    run.add_argument("--out", required=True, help="output root (a folder or an s3:// prefix): images, statistics, manifest")
     add_tiling_options(run)
     run.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
     run.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
@@ -95,6 +95,8 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian",
                         help="weights of overlapping tiles (default gaussian, sigma = tile / 8)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over all flips")
+    parser.add_argument("--ray-address", help="join this Ray cluster (head host:port, 'auto', or ray://host:10001) "
+                                              "instead of starting a local one (default: $RAY_ADDRESS)")
 
 
 def add_statistics_options(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +141,7 @@ def segment_command(args: argparse.Namespace) -> int:
     from pipelines.model_card import load_card
     from pipelines.regions import load_regions
     from flows.root_lock import root_lock
+    from pipelines import storage
     from pipelines.stats import begin_run, compact, validate_run_id
 
     card = load_card(args.model)
@@ -153,18 +156,25 @@ def segment_command(args: argparse.Namespace) -> int:
     run = plan_image(args.src, card, settings, args.out, card.digest())
     shape = " x ".join(str(s) for s in reversed(run.source.shape))
     console.print(f"segmenting {run.source.kind} {run.source.uri} ({shape}) with {card.name} on {settings.device}")
-    stats_root = run.out_root / "stats"
+    stats_root = storage.join(run.out_root, "stats")
+    if args.ray_address:
+        from segworkers.actors import ensure_ray
+
+        ensure_ray(args.ray_address)
     with root_lock(run.out_root, run_id):
         run_date = begin_run(stats_root, run_id, dt.date.today())
         summary, stats = run_image(run, run_id, run_date)
         compact(stats_root)
-    print(f"labels:  {run.output_dir / LABEL_OUTPUTS[run.source.kind]}\npreview: {run.output_dir / 'preview.png'}\nstats:   {run.out_root / 'stats'}")
+    print(f"labels:  {storage.join(run.output_dir, LABEL_OUTPUTS[run.source.kind])}\n"
+          f"preview: {storage.join(run.output_dir, 'preview.png')}\nstats:   {stats_root}")
     if settings.probabilities:
-        print(f"probabilities: {run.output_dir / 'probabilities.zarr'} (uint8, probability x 255)")
+        print(f"probabilities: {storage.join(run.output_dir, 'probabilities.zarr')} (uint8, probability x 255)")
     print(f"tiles:   {summary.tiles - summary.tiles_skipped} segmented, {summary.tiles_skipped} skipped (no valid pixels)")
     if summary.blocks_resumed:
         print(f"resumed: {summary.blocks_resumed} of {len(summary.blocks)} blocks were done by an interrupted run")
     print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
+    if summary.blocks_by_node and len(summary.blocks_by_node) > 1:
+        print("blocks per Ray node: " + ", ".join(f"{node[:8]} {n}" for node, n in sorted(summary.blocks_by_node.items())))
     return 0
 
 
@@ -174,7 +184,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = segment_archive(
         args.archive, args.model, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
         device=args.device, block=args.block, workers=args.workers, run_id=args.run_id, regions=args.regions,
-        region_id=args.region_id, concurrency=args.concurrency,
+        region_id=args.region_id, concurrency=args.concurrency, ray_address=args.ray_address,
     )
     print_run_report(report, args.out)
     return 1 if report["failed"] else 0
@@ -189,7 +199,9 @@ def print_run_report(report: dict, out) -> None:
         print(f"  done    {name}{resumed}")
     for uri, reason in report["failed"].items():
         print(f"  failed  {reason if reason.startswith(uri) else f'{uri}: {reason}'}")
-    print(f"report: {Path(out) / 'runs' / (report['run_id'] + '.json')}; statistics: segpipe stats {out}")
+    from pipelines import storage
+
+    print(f"report: {storage.join(out, 'runs', report['run_id'] + '.json')}; statistics: segpipe stats {out}")
 
 
 def stats_command(args: argparse.Namespace) -> int:

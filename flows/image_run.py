@@ -4,6 +4,12 @@ Each stage is a plain function over an ImageRun so that the CLI can call them in
 the Prefect flow can wrap each one as a task. Intermediate stores live under
 <out>/.work/<image>-<key>/; the image's folder <out>/<image>/ only appears, whole, when its
 outputs are complete, and the manifest record is written after the statistics.
+
+The output root is a local folder or an s3:// prefix (shared storage every node of a Ray
+cluster can reach): the work folder, its Zarr stores and records then live under the prefix
+too, and finished outputs are staged locally and uploaded. Object storage has no rename, so
+there an image's outputs are complete when its manifest record exists (written last), not
+when its folder appears.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import datetime as dt
 import io
 import json
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +119,8 @@ class ImageRun:
     """The card's bands resolved against this source (1-based indexes)."""
     card: ModelCard
     settings: SegmentSettings
-    out_root: Path
+    out_root: str
+    """A local folder or an s3:// prefix."""
     key: str
 
     @property
@@ -120,8 +128,8 @@ class ImageRun:
         return self.source.stem
 
     @property
-    def work_dir(self) -> Path:
-        return self.out_root / ".work" / f"{self.name}-{self.key[:12]}"
+    def work_dir(self) -> str:
+        return storage.join(self.out_root, ".work", f"{self.name}-{self.key[:12]}")
 
     @property
     def image_store(self) -> str:
@@ -129,7 +137,7 @@ class ImageRun:
         or s3://), others are ingested."""
         if self.source.kind == "zarr":
             return self.source.detail.array_path
-        return str(self.work_dir / "image.zarr")
+        return storage.join(self.work_dir, "image.zarr")
 
     @property
     def store_bands(self) -> tuple[int, ...] | None:
@@ -137,46 +145,43 @@ class ImageRun:
         return tuple(b - 1 for b in self.bands) if self.source.kind == "zarr" else None
 
     @property
-    def label_store(self) -> Path:
-        return self.work_dir / "labels.zarr"
+    def label_store(self) -> str:
+        return storage.join(self.work_dir, "labels.zarr")
 
     @property
-    def probability_store(self) -> Path:
-        return self.work_dir / "probabilities.zarr"
+    def probability_store(self) -> str:
+        return storage.join(self.work_dir, "probabilities.zarr")
 
     @property
-    def background_mask(self) -> Path:
-        return self.work_dir / "valid_lowres.npy"
+    def background_mask(self) -> str:
+        return storage.join(self.work_dir, "valid_lowres.npy")
 
     @property
-    def ingested_dir(self) -> Path:
+    def ingested_dir(self) -> str:
         """One marker per source shard copied into image_store."""
-        return self.work_dir / "ingested"
+        return storage.join(self.work_dir, "ingested")
 
     @property
-    def blocks_dir(self) -> Path:
+    def blocks_dir(self) -> str:
         """One record per output block segmented: its class counts and areas."""
-        return self.work_dir / "blocks"
+        return storage.join(self.work_dir, "blocks")
 
     @property
-    def state_file(self) -> Path:
-        return self.work_dir / "state.json"
+    def state_file(self) -> str:
+        return storage.join(self.work_dir, "state.json")
 
     @property
-    def staged_dir(self) -> Path:
-        return self.work_dir / "output"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.out_root / self.name
+    def output_dir(self) -> str:
+        return storage.join(self.out_root, self.name)
 
 
-def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_root: Path, card_digest: str) -> ImageRun:
+def plan_image(src: str | Path, card: ModelCard, settings: SegmentSettings, out_root: str | Path, card_digest: str
+               ) -> ImageRun:
     """Check the source against the card before anything is written."""
     info = inspect_source(src, card)
     bands = resolve_bands(info, card)
     key = image_key(info.uri, card_digest, settings.affecting_output())
-    return ImageRun(info, bands, card, settings, Path(out_root), key)
+    return ImageRun(info, bands, card, settings, str(out_root), key)
 
 
 def prepare_work_dir(run: ImageRun) -> bool:
@@ -184,14 +189,13 @@ def prepare_work_dir(run: ImageRun) -> bool:
     key and block size (so its shards and block records still apply); otherwise start it
     afresh. Returns True when resuming."""
     state = {"key": run.key, "block": run.settings.block, "tile": run.settings.tile}
-    if run.state_file.exists():
+    if storage.exists(run.state_file):
         try:
-            if json.loads(run.state_file.read_text()) == state:
+            if json.loads(storage.read_bytes(run.state_file)) == state:
                 return True
         except ValueError:
             pass  # a torn state file: start again
-    shutil.rmtree(run.work_dir, ignore_errors=True)
-    run.work_dir.mkdir(parents=True)
+    storage.remove_tree(run.work_dir)
     storage.write_whole(run.state_file, json.dumps(state).encode())
     return False
 
@@ -204,16 +208,16 @@ def ingest(run: ImageRun) -> None:
     """Copy the source into the image store, shard by shard; a resumed run copies only the
     shards an interrupted one had not finished."""
     prepare_work_dir(run)
-    if run.source.kind == "zarr" or run.background_mask.exists():
+    if run.source.kind == "zarr" or storage.exists(run.background_mask):
         return  # a Zarr source is read in place (no nodata value, so no mask); or ingest is done
-    run.ingested_dir.mkdir(exist_ok=True)
-    done = frozenset(tuple(int(v) for v in p.name.split("_")) for p in run.ingested_dir.iterdir() if not p.name.startswith("."))
-    if done and not Path(run.image_store).exists():
+    done = frozenset(tuple(int(v) for v in name.split("_"))
+                     for name in storage.list_names(run.ingested_dir) if not name.startswith("."))
+    if done and not storage.exists(storage.join(run.image_store, "zarr.json")):
         done = frozenset()
     shards = block_partition(run.source.shape, (run.settings.block,) * len(run.source.shape))
     with stage_progress(f"ingest {run.name}", len(shards)) as advance:
         def shard_done(region: Region) -> None:
-            (run.ingested_dir / region_id(region)).touch()
+            storage.write_whole(storage.join(run.ingested_dir, region_id(region)), b"")
             advance()
 
         mask = ingest_source(run.source, run.bands, run.image_store, run.settings.tile, run.settings.block,
@@ -238,6 +242,8 @@ class SegmentSummary:
     """Per output block: its bounds and the class counts and areas its worker wrote."""
     blocks_resumed: int = 0
     """Blocks an interrupted run had finished, taken from their records, not segmented again."""
+    blocks_by_node: dict = field(default_factory=dict)
+    """Ray node id -> blocks it segmented in this run (resumed blocks not counted)."""
 
 
 def segment(run: ImageRun, pool: ActorPool | None = None) -> SegmentSummary:
@@ -245,13 +251,13 @@ def segment(run: ImageRun, pool: ActorPool | None = None) -> SegmentSummary:
 
     Each finished block is recorded in the work folder; a resumed run segments only the blocks
     without a record (those in flight when it was interrupted, and those never started)."""
-    run.blocks_dir.mkdir(exist_ok=True)  # the work folder is ingest's (prepare_work_dir)
     return segment_store(
         run.card,
         run.settings,
         image_store=run.image_store,
         label_store=run.label_store,
-        background_mask=np.load(run.background_mask) if run.background_mask.exists() else None,
+        background_mask=np.load(io.BytesIO(storage.read_bytes(run.background_mask)))
+        if storage.exists(run.background_mask) else None,
         bands=run.store_bands,
         probability_store=run.probability_store if run.settings.probabilities else None,
         name=run.name,
@@ -265,13 +271,13 @@ def segment_store(
     card: ModelCard,
     settings: SegmentSettings,
     image_store: str | Path,
-    label_store: Path,
+    label_store: str | Path,
     background_mask: np.ndarray | None = None,
-    probability_store: Path | None = None,
+    probability_store: str | Path | None = None,
     name: str = "image",
     areas: PixelAreas | None = None,
     bands: tuple[int, ...] | None = None,
-    blocks_dir: Path | None = None,
+    blocks_dir: str | None = None,
     pool: ActorPool | None = None,
 ) -> SegmentSummary:
     """Segment an ingested (band, *spatial) Zarr image, 2D or 3D, into a label store.
@@ -283,7 +289,8 @@ def segment_store(
     shape = zarr.open_array(str(image_store), mode="r").shape[1:]
     grid = TileGrid(shape, settings.tile, settings.overlap)
     attributes = {"classes": [c.name for c in card.classes], "model": card.name}
-    recorded = load_block_records(blocks_dir) if blocks_dir and label_store.exists() else {}
+    label_store = str(label_store)
+    recorded = load_block_records(blocks_dir) if blocks_dir and storage.exists(storage.join(label_store, "zarr.json")) else {}
     if not recorded:
         create_label_store(label_store, shape, chunk=settings.tile, block=settings.block, attributes=attributes)
         if probability_store:
@@ -292,7 +299,7 @@ def segment_store(
     jobs = [
         BlockJob(
             image_store=str(image_store),
-            label_store=str(label_store),
+            label_store=label_store,
             block=block,
             tiles=tuple(
                 t for t in grid.tiles_touching(block.grown(card.block_margin))
@@ -312,11 +319,14 @@ def segment_store(
     todo = [i for i, result in enumerate(results) if result is None]
     resumed = f", {len(jobs) - len(todo)} blocks done before" if len(todo) < len(jobs) else ""
     description = f"segment {name} ({len(grid)} tiles, {skipped} without data skipped{resumed})"
+    by_node: dict[str, int] = {}
     with stage_progress(description, len(jobs), completed=len(jobs) - len(todo)) as advance:
         def block_done(index: int, result: BlockResult) -> None:
             if blocks_dir:
                 write_block_record(blocks_dir, result)
             results[todo[index]] = result
+            node = result.node
+            by_node[node] = by_node.get(node, 0) + 1
             advance()
 
         segment_blocks(
@@ -325,27 +335,29 @@ def segment_store(
         )
     counts = np.sum([r.class_counts for r in results], axis=0)
     if areas is None:
-        return SegmentSummary(counts, len(grid), skipped)
+        return SegmentSummary(counts, len(grid), skipped, blocks_by_node=by_node)
     blocks = tuple(BlockCounts(r.block.start, r.block.stop, r.class_counts, r.class_areas) for r in results)
     return SegmentSummary(
         counts, len(grid), skipped, np.sum([r.class_areas for r in results], axis=0), areas.unit, blocks,
-        len(jobs) - len(todo),
+        len(jobs) - len(todo), by_node,
     )
 
 
-def write_block_record(blocks_dir: Path, result: BlockResult) -> None:
+def write_block_record(blocks_dir: str, result: BlockResult) -> None:
     """After the block's labels are in their shard: what its worker counted (JSON floats
     round-trip exactly, so resumed statistics are byte-identical)."""
     record = {"start": list(result.block.start), "stop": list(result.block.stop), "tiles_run": result.tiles_run,
               "class_counts": result.class_counts.tolist(),
               "class_areas": None if result.class_areas is None else result.class_areas.tolist()}
-    storage.write_whole(blocks_dir / f"{region_id(result.block)}.json", json.dumps(record).encode())
+    storage.write_whole(storage.join(blocks_dir, f"{region_id(result.block)}.json"), json.dumps(record).encode())
 
 
-def load_block_records(blocks_dir: Path) -> dict[tuple[int, ...], BlockResult]:
+def load_block_records(blocks_dir: str) -> dict[tuple[int, ...], BlockResult]:
     records = {}
-    for path in blocks_dir.glob("*.json"):
-        record = json.loads(path.read_text())
+    for name in storage.list_names(blocks_dir):
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        record = json.loads(storage.read_bytes(storage.join(blocks_dir, name)))
         areas = record["class_areas"]
         records[tuple(record["start"])] = BlockResult(
             Region(tuple(record["start"]), tuple(record["stop"])), np.asarray(record["class_counts"], dtype=np.int64),
@@ -360,14 +372,28 @@ LABEL_OUTPUTS = {"scene": "labels.tif", "slide": "image.ome.zarr", "volume": "la
 def finalize(run: ImageRun) -> None:
     """Write the labels in the format viewers of this kind of source open (COG for scenes,
     OME-Zarr for slides, NIfTI for volumes) and preview.png, then move the image's folder into
-    place in one rename."""
+    place in one rename (on object storage: upload it, then drop what an earlier output had
+    and this one has not)."""
     import zarr
 
-    labels = zarr.open_array(str(run.label_store), mode="r")
-    image = zarr.open_array(str(run.image_store), mode="r")
-    shutil.rmtree(run.staged_dir, ignore_errors=True)
-    run.staged_dir.mkdir(parents=True)
-    labels_path = run.staged_dir / LABEL_OUTPUTS[run.source.kind]
+    labels = zarr.open_array(run.label_store, mode="r")
+    image = zarr.open_array(run.image_store, mode="r")
+    remote = storage.is_remote(run.out_root)
+    staged = Path(tempfile.mkdtemp(prefix=f"segpipe-{run.name}-")) if remote else Path(run.work_dir) / "output"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        write_outputs(run, labels, image, staged)
+        if remote:
+            publish_remote(staged, run.output_dir)
+        else:
+            publish_local(staged, Path(run.output_dir), Path(run.work_dir) / "previous-output")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def write_outputs(run: ImageRun, labels, image, staged: Path) -> None:
+    labels_path = staged / LABEL_OUTPUTS[run.source.kind]
     if run.source.kind == "scene":
         detail = run.source.detail
         write_labels_cog(labels, labels_path, detail.crs_wkt, detail.transform, run.card.classes)
@@ -379,7 +405,7 @@ def finalize(run: ImageRun) -> None:
             pixel_size=label_pixel_size(run.source),
         )
         if run.settings.label_tiff and len(run.source.shape) == 2:
-            write_labels_cog(labels, run.staged_dir / "labels.tif", None, None, run.card.classes)
+            write_labels_cog(labels, staged / "labels.tif", None, None, run.card.classes)
     else:
         write_labels_nifti(labels, labels_path, run.source.detail)
     preview_bands = run.card.preview_bands
@@ -388,14 +414,30 @@ def finalize(run: ImageRun) -> None:
     if len(run.source.shape) == 3:  # the preview shows the middle slice
         middle = run.source.shape[0] // 2
         image, labels = image[:, middle], labels[middle]
-    render_preview(image, labels, preview_bands, run.card.classes, run.staged_dir / "preview.png")
+    render_preview(image, labels, preview_bands, run.card.classes, staged / "preview.png")
     if run.settings.probabilities:
-        run.probability_store.replace(run.staged_dir / "probabilities.zarr")
-    previous = run.work_dir / "previous-output"
-    if run.output_dir.exists():
-        run.output_dir.replace(previous)
-    run.staged_dir.replace(run.output_dir)
+        if storage.is_remote(run.probability_store):
+            fs, path = storage.filesystem(run.probability_store)
+            fs.get(path.rstrip("/") + "/", str(staged / "probabilities.zarr"), recursive=True)
+        else:
+            Path(run.probability_store).replace(staged / "probabilities.zarr")
+
+
+def publish_local(staged: Path, output_dir: Path, previous: Path) -> None:
+    """The new folder replaces the old in one rename: a reader sees one or the other, whole."""
+    if output_dir.exists():
+        output_dir.replace(previous)
+    staged.replace(output_dir)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def publish_remote(staged: Path, output_dir: str) -> None:
+    """Upload the new files over the old, then remove the old ones the new output lacks."""
+    storage.put_tree(staged, output_dir)
+    kept = set(storage.list_files(staged))
+    for name in storage.list_files(output_dir):
+        if name not in kept:
+            storage.remove(storage.join(output_dir, name))
 
 
 def label_pixel_size(source: SourceInfo) -> tuple[tuple[float, str], ...] | None:
@@ -431,7 +473,7 @@ def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: 
     if run.settings.regions:
         regions = load_regions(run.settings.regions, run.settings.region_id)
         tables["region_class"] = region_class_table(image, info, classes, regions.source, count_regions(run, regions))
-    write_image_rows(run.out_root / "stats", run_id, run_date, image_file_id(run.source.uri, run.name), tables)
+    write_image_rows(storage.join(run.out_root, "stats"), run_id, run_date, image_file_id(run.source.uri, run.name), tables)
     return tables["image_class"]
 
 
@@ -443,7 +485,7 @@ def count_regions(run: ImageRun, regions: RegionSet) -> list[tuple[str, np.ndarr
     crs_wkt, transform = None, None
     if run.source.kind == "scene":
         crs_wkt, transform = run.source.detail.crs_wkt, run.source.detail.transform
-    labels = zarr.open_array(str(run.label_store), mode="r")
+    labels = zarr.open_array(run.label_store, mode="r")
     areas = source_areas(run.source)
     counted = region_class_counts(regions, labels, crs_wkt, transform, run.card.num_classes, areas.row_areas)
     return [(r.region, r.counts, r.areas) for r in counted]
@@ -463,15 +505,16 @@ def complete(run: ImageRun, run_id: str, run_date: dt.date) -> None:
         run.out_root,
         run.key,
         {"image": run.name, "uri": run.source.uri, "model": run.card.name, "run_id": run_id, "run_date": run_date,
-         "outputs": [str(run.output_dir / LABEL_OUTPUTS[run.source.kind]), str(run.output_dir / "preview.png")]},
+         "outputs": [storage.join(run.output_dir, LABEL_OUTPUTS[run.source.kind]),
+                     storage.join(run.output_dir, "preview.png")]},
     )
-    shutil.rmtree(run.work_dir, ignore_errors=True)
+    storage.remove_tree(run.work_dir)
 
 
 def discard(run: ImageRun) -> None:
     """Drop a bad image's intermediate stores; its published folder is left as it was. (Other
     failures keep them: the next run resumes from the finished shards and blocks.)"""
-    shutil.rmtree(run.work_dir, ignore_errors=True)
+    storage.remove_tree(run.work_dir)
 
 
 def run_image(run: ImageRun, run_id: str, run_date: dt.date) -> tuple[SegmentSummary, pa.Table]:

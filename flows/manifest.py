@@ -23,14 +23,14 @@ def image_key(uri: str, card_digest: str, settings: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def manifest_path(out_root: Path, key: str) -> Path:
-    return out_root / ".manifest" / f"{key}.json"
+def manifest_path(out_root: str | Path, key: str) -> str:
+    return storage.join(out_root, ".manifest", f"{key}.json")
 
 
-def is_done(out_root: Path, key: str) -> bool:
-    return manifest_path(out_root, key).exists()
+def is_done(out_root: str | Path, key: str) -> bool:
+    return storage.exists(manifest_path(out_root, key))
 
 
-def mark_done(out_root: Path, key: str, record: dict) -> None:
+def mark_done(out_root: str | Path, key: str, record: dict) -> None:
     """Written last, after every output is in place; the rename makes it all-or-nothing."""
     storage.write_whole(manifest_path(out_root, key), json.dumps(record, indent=2, default=str).encode())

@@ -5,6 +5,12 @@ a second run on the same root is refused with the holder's pid and run id. The k
 the lock when the holder dies, however it dies (kill -9 included), so a crashed run never
 leaves the root locked. The lock file also tells whether the root is writable at all: a
 read-only or full root fails here, before any work.
+
+Object storage has no flock: on an s3:// root the lock is a lease object created with one
+conditional PUT (If-None-Match: *, so of two runs exactly one creates it), renewed by the
+holder every LEASE_S / 4 seconds and deleted when the run ends. A holder that died without
+deleting it (kill -9, a lost node) blocks the root until its lease has run out (LEASE_S,
+default 10 minutes, `SEGPIPE_LOCK_LEASE_S`), after which the next run takes it over.
 """
 
 from __future__ import annotations
@@ -16,12 +22,19 @@ import fcntl
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipelines import storage
 from pipelines.errors import InputError
 
 LOCK_NAME = ".segpipe.lock"
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("SEGPIPE_LOCK_LEASE_S", 600))
 
 
 class RootBusy(InputError):
@@ -38,8 +51,22 @@ def storage_problem(root: Path, exc: OSError) -> InputError | None:
     return None
 
 
+def holder_record(run_id: str, **extra) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+            "since": dt.datetime.now().isoformat(timespec="seconds"), **extra}
+
+
+def root_busy(root: str | Path, holder: str) -> RootBusy:
+    return RootBusy(root, f"another segpipe run is writing to this output root ({holder}); "
+                          "wait for it to finish or use another --out")
+
+
 @contextlib.contextmanager
 def root_lock(root: str | Path, run_id: str) -> Iterator[None]:
+    if storage.is_remote(root):
+        with object_store_lock(str(root), run_id):
+            yield
+        return
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -52,16 +79,50 @@ def root_lock(root: str | Path, run_id: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise RootBusy(root, f"another segpipe run is writing to this output root ({holder}); "
-                                 "wait for it to finish or use another --out") from None
+            raise root_busy(root, holder) from None
         try:
             handle.seek(0)
             handle.truncate()
-            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
-                                     "since": dt.datetime.now().isoformat(timespec="seconds")}))
+            handle.write(json.dumps(holder_record(run_id)))
             handle.flush()
         except OSError as exc:
             raise (storage_problem(root, exc) or exc) from exc
         yield
     finally:
         handle.close()  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def object_store_lock(root: str, run_id: str) -> Iterator[None]:
+    """The lease lock of an object-storage root (see the module docstring)."""
+    lock_uri = storage.join(root, LOCK_NAME)
+    lease = lease_seconds()
+
+    def record() -> bytes:
+        return json.dumps(holder_record(run_id, expires=time.time() + lease)).encode()
+
+    if not storage.write_if_absent(lock_uri, record()):
+        try:
+            holder = json.loads(storage.read_bytes(lock_uri))
+        except (FileNotFoundError, ValueError):
+            holder = {"expires": 0}  # vanished or torn meanwhile: as good as expired
+        if holder.get("expires", 0) > time.time():
+            described = {k: holder[k] for k in ("pid", "host", "run_id", "since") if k in holder}
+            raise root_busy(root, json.dumps(described))
+        storage.remove(lock_uri)  # an expired lease: its holder died without releasing it
+        if not storage.write_if_absent(lock_uri, record()):
+            raise root_busy(root, "another run took over the expired lock just now")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease / 4):
+            storage.write_whole(lock_uri, record())
+
+    renewer = threading.Thread(target=renew, name="segpipe-lock-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        storage.remove(lock_uri)

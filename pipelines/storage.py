@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -207,6 +208,84 @@ def write_whole(uri: str | Path, data: bytes) -> None:
     partial = target.with_name(f".{target.name}.partial")
     partial.write_bytes(data)
     partial.replace(target)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """`base` with `parts` appended: a local path, or a URI with '/' separators."""
+    if is_remote(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    if not is_remote(uri):
+        return _local_path(str(uri)).read_bytes()
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def write_if_absent(uri: str | Path, data: bytes) -> bool:
+    """Create a file that must not exist yet; False (nothing written) when it already does. On
+    S3 this is one conditional PUT (If-None-Match: *), so two writers never both succeed."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    target = _local_path(str(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(target, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def list_names(uri: str | Path) -> list[str]:
+    """The names of the entries directly inside a folder or under a prefix ([] if there are none)."""
+    if not is_remote(uri):
+        folder = _local_path(str(uri))
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    fs, path = filesystem(uri)
+    try:
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path.rstrip("/"), detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def list_files(uri: str | Path) -> list[str]:
+    """Every file under a folder or prefix, as paths relative to it ('/'-separated), sorted."""
+    if not is_remote(uri):
+        folder = _local_path(str(uri))
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    fs, path = filesystem(uri)
+    root = path.rstrip("/")
+    return sorted(name[len(root) + 1:] for name in fs.find(root))
+
+
+def remove(uri: str | Path) -> None:
+    """Remove one file or object if it is there."""
+    if not is_remote(uri):
+        _local_path(str(uri)).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(uri: str | Path) -> None:
+    """Remove a folder or everything under a prefix, if there is anything."""
+    if not is_remote(uri):
+        shutil.rmtree(_local_path(str(uri)), ignore_errors=True)
+        return
+    fs, path = filesystem(uri)
+    if fs.find(path.rstrip("/")):
+        fs.rm(path.rstrip("/"), recursive=True)
 
 
 def gdal_path(uri: str | Path) -> str:

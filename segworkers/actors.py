@@ -1,11 +1,14 @@
 """Ray actors that own a model and segment blocks: one per GPU, or CPU actors without one.
 
 The driver keeps a bounded number of blocks in flight per actor, so a slow actor never piles
-up work and results (class counts only; labels go straight to Zarr) stay small.
+up work and results (class counts only; labels go straight to Zarr) stay small. An actor runs
+its blocks in flight on as many threads, so one block's Zarr reads and writes overlap
+another's compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 from typing import Callable
@@ -23,21 +26,32 @@ STORAGE_ENVIRONMENT = (
 )
 
 
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one on first use."""
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (host:port of its head, "auto", or ray://host:10001 for a
+    Ray Client), else the one named by RAY_ADDRESS, else start a local one, on first use.
+
+    With token authentication on (RAY_AUTH_MODE=token), the token comes from RAY_AUTH_TOKEN or
+    the file named by RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token), as for any Ray driver."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="WARNING")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(include_dashboard=False, logging_level="WARNING")
 
 
-@ray.remote
+@ray.remote(max_concurrency=BLOCKS_IN_FLIGHT_PER_ACTOR)
 class SegmentationActor:
+    """A threaded actor: each block in flight runs on its own thread (BlockPredictor is thread-safe)."""
+
     def __init__(self, card: ModelCard, device: str, batch_size: int, threads: int):
         self.predictor = BlockPredictor(card, device=device, batch_size=batch_size, threads=threads)
 
     def segment(self, job: BlockJob) -> BlockResult:
-        return self.predictor.segment(job)
+        result = self.predictor.segment(job)
+        return dataclasses.replace(result, node=ray.get_runtime_context().get_node_id())
 
 
 def actor_plan(device: str, workers: int | None, threads: int) -> tuple[int, dict]:
