@@ -144,15 +144,20 @@ def segment_archive(
     region_id: str | None = None,
     concurrency: int = 2,
     ray_address: str | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> dict:
     """Segment each image in `archive` with `model`, writing results and statistics under `out`.
 
     The run id (default: today's date, so a night's re-run resumes the same run) names the
     run's rows in the statistics. `ray_address` joins an existing Ray cluster (default:
-    RAY_ADDRESS, else a local one). Returns the run's report: done, skipped and failed images,
+    RAY_ADDRESS, else a local one). `precision`, `channels_last`, `compile` and `cuda_graphs`
+    override the card's runtime options. Returns the run's report: done, skipped and failed images,
     and blocks per Ray node."""
     logger = get_run_logger()
-    card = load_card(model)
+    card = load_card(model).with_runtime(precision, channels_last, compile, cuda_graphs)
     settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, block=block, device=device,
                                 workers=workers, regions=regions, region_id=region_id)
     if regions:

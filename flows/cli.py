@@ -95,6 +95,12 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian",
                         help="weights of overlapping tiles (default gaussian, sigma = tile / 8)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over all flips")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
+                        help="torch models: compute in this precision (autocast); blending stays fp32 (default: the card's, fp32)")
+    parser.add_argument("--channels-last", action="store_true", default=None, help="torch models: channels-last inputs")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch models: torch.compile the network")
+    parser.add_argument("--cuda-graphs", action="store_true", default=None,
+                        help="torch models on a GPU: replay the network as a CUDA graph (batches have one fixed shape)")
     parser.add_argument("--ray-address", help="join this Ray cluster (head host:port, 'auto', or ray://host:10001) "
                                               "instead of starting a local one (default: $RAY_ADDRESS)")
 
@@ -144,7 +150,7 @@ def segment_command(args: argparse.Namespace) -> int:
     from pipelines import storage
     from pipelines.stats import begin_run, compact, validate_run_id
 
-    card = load_card(args.model)
+    card = load_card(args.model).with_runtime(args.precision, args.channels_last, args.compile, args.cuda_graphs)
     settings = resolve_settings(
         card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block, device=args.device,
         workers=args.workers, blending=args.blending, tta=args.tta, probabilities=args.probabilities,
@@ -185,6 +191,7 @@ def run_command(args: argparse.Namespace) -> int:
         args.archive, args.model, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
         device=args.device, block=args.block, workers=args.workers, run_id=args.run_id, regions=args.regions,
         region_id=args.region_id, concurrency=args.concurrency, ray_address=args.ray_address,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
     )
     print_run_report(report, args.out)
     return 1 if report["failed"] else 0

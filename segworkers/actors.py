@@ -59,9 +59,12 @@ def actor_plan(device: str, workers: int | None, threads: int) -> tuple[int, dic
     resources = ray.cluster_resources()
     if device == "cuda":
         gpus = int(resources.get("GPU", 0))
+        if workers:  # GPU actors the cluster cannot place yet wait for its autoscaler to add GPU nodes
+            return workers, {"num_gpus": 1, "num_cpus": 1}
         if gpus == 0:
-            raise RuntimeError("--device cuda, but the Ray cluster has no GPU")
-        return workers or gpus, {"num_gpus": 1, "num_cpus": 1}
+            raise RuntimeError("--device cuda, but the Ray cluster has no GPU (on a cluster whose GPU nodes "
+                               "scale from zero, say how many GPU actors to start with --workers N)")
+        return gpus, {"num_gpus": 1, "num_cpus": 1}
     cpus = int(resources.get("CPU", 1))
     if workers:  # asked for: share the CPUs between them, fractionally if need be
         return workers, {"num_gpus": 0, "num_cpus": cpus / workers}

@@ -82,11 +82,13 @@ def stop_cluster(temp_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 150_000_000
-                      ) -> Iterator[LocalCluster]:
+def local_ray_cluster(nodes: int = 2, cpus_per_node: int = 1, object_store_bytes: int = 150_000_000,
+                      token: str | None = None) -> Iterator[LocalCluster]:
+    """`token`: the authentication token (default: a fresh random one). A process that joins
+    several clusters one after the other needs them to share one: Ray reads it once."""
     # Short on purpose: Ray puts unix sockets in it, and their paths are limited to ~100 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="segray-", dir="/tmp"))
-    token = secrets.token_hex(32)
+    token = token or secrets.token_hex(32)
     environment = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     environment.pop("RAY_ADDRESS", None)
     port = free_gcs_port()
