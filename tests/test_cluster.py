@@ -126,3 +126,25 @@ def test_the_s3_lease_lock_refuses_a_second_run_and_is_taken_over_once_expired(b
         time.sleep(1.5)  # the holder renews its lease every 0.5 s
         holder = json.loads(storage.read_bytes(f"{root}/{LOCK_NAME}"))
         assert holder["run_id"] == "after" and holder["expires"] > time.time() + 0.5
+
+
+def test_segment_into_an_s3_root_publishes_what_a_local_root_gets(bucket, segmented_scene, sentinel_scene):
+    import zarr
+
+    from flows.cli import main
+
+    out = f"{bucket}/one-image"
+    assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", out, "--probabilities"]) == 0
+    published = storage.list_files(f"{out}/sentinel2_scene")
+    assert {"labels.tif", "preview.png", "probabilities.zarr/zarr.json"} <= set(published)
+    local = segmented_scene / "sentinel2_scene"
+    for name in ("labels.tif", "preview.png"):
+        assert storage.read_bytes(f"{out}/sentinel2_scene/{name}") == (local / name).read_bytes()
+    probabilities = zarr.open_array(f"{out}/sentinel2_scene/probabilities.zarr", mode="r")
+    assert probabilities.shape[0] == 3 and int(probabilities[:].astype(int).sum(axis=0).max()) <= 255 + 2
+    assert storage.list_files(f"{out}/.work") == []
+
+    # Published again without probabilities: the stale store is removed, the rest replaced.
+    storage.write_whole(f"{out}/sentinel2_scene/left-over.txt", b"from an older output")
+    assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", out, "--run-id", "again"]) == 0
+    assert set(storage.list_files(f"{out}/sentinel2_scene")) == {"labels.tif", "preview.png"}
