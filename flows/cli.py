@@ -5,6 +5,7 @@
     segpipe deploy ARCHIVE --model CARD --out ROOT --cron "0 2 * * *" [--name NAME]
     segpipe stats ROOT [--by class,image,region,run_date] [--change BEFORE AFTER] [--top N --class C] [--sql Q]
     segpipe models list [--classes K] [--bands C]
+    segpipe bench [--device cuda] [--model unet-resnet34] [--side N] [--parts ...] [--actors 1,2,4,8]
     segpipe demo [--out DIR]
 
 Bad input (a missing or unreadable image, a card naming a missing weights file, a band count
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     segment.add_argument("--out", required=True, help="output folder or s3:// prefix")
     add_tiling_options(segment)
-    segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
+    segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels (default 2048; on a GPU 8 tiles, at least 2048)")
     segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
     segment.add_argument("--tiff", action="store_true",
                          help="slides and Zarr sources: also write labels.tif (a tiled TIFF in pixel coordinates)")
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     run.add_argument("--out", required=True, help="output root (a folder or an s3:// prefix): images, statistics, manifest")
     add_tiling_options(run)
-    run.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels, default 2048")
+    run.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels (default 2048; on a GPU 8 tiles, at least 2048)")
     run.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
     run.add_argument("--concurrency", type=int, default=2, help="images in progress at once (default 2)")
     add_statistics_options(run)
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     models_list = models_commands.add_parser("list", help="registry architectures with parameter counts, and built-in cards")
     models_list.add_argument("--classes", type=int, default=21, help="classes to count parameters for (default 21)")
     models_list.add_argument("--bands", type=int, default=3, help="input bands to count parameters for (default 3)")
+
+    bench = commands.add_parser(
+        "bench", help="throughput of the worker plane: model alone, segment stage, end to end, MONAI, CPU actor scaling")
+    from flows.benchmarks.worker_plane import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
 
     demo = commands.add_parser("demo", help="run the Prefect flow on the bundled Sentinel-2 demo archive")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="demo folder (default: demo-output)")
@@ -135,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "models":
             return models_list_command(args)
+        if args.command == "bench":
+            from flows.benchmarks.worker_plane import run as run_bench
+
+            return run_bench(args)
         return demo_command(args)
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)

@@ -52,6 +52,7 @@ from segworkers.tile_models import best_device
 
 DEFAULT_BLOCK = 2048
 DEFAULT_BLOCK_3D = 128
+BLOCK_TILES_ON_GPU = 8
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,25 @@ def resolve_settings(
     overlap = card.overlap if overlap is None else overlap
     if not 0 <= overlap < 1:
         raise InputError(card.source, f"overlap must be in [0, 1), got {overlap}")
-    block = block or (DEFAULT_BLOCK if card.spatial_dims == 2 else DEFAULT_BLOCK_3D)
+    device = device or best_device(card)
+    block = block or default_block(card.spatial_dims, tile, device)
     block = -(-max(block, tile) // tile) * tile  # a whole number of tile-sized chunks per shard
     return SegmentSettings(
-        tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device or best_device(card),
+        tile=tile, overlap=overlap, batch=batch or 4, block=block, device=device,
         blending=blending, tta=tta, probabilities=probabilities, label_tiff=label_tiff, workers=workers,
         regions=str(regions) if regions else None, region_id=region_id,
     )
+
+
+def default_block(spatial_dims: int, tile: int, device: str) -> int:
+    """The block side when none is given. A block also runs the tiles straddling its border
+    (its neighbour runs them too): at tile 1024 and overlap 0.25, 2048-pixel blocks run each grid
+    tile 1.78 times on average, 8192-pixel blocks 1.10 times. A GPU has the memory for big
+    blocks (8 tiles a side: about 2 GB per block in flight at 6 classes); host memory per CPU
+    actor stays bounded by the 2048 default."""
+    if spatial_dims != 2:
+        return DEFAULT_BLOCK_3D
+    return max(DEFAULT_BLOCK, BLOCK_TILES_ON_GPU * tile) if device == "cuda" else DEFAULT_BLOCK
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Large test scenes made by tiling a real image, written window by window (bounded memory),
-and a small random network saved as TorchScript with its model card."""
+and random networks with their model cards: a small TorchScript conv net, a tiny registry
+U-Net, and segmentation_models_pytorch's Unet with a ResNet-34 encoder."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def write_tiled_scene(path: Path, side: int, window: int = 2048) -> Path:
     period_y, period_x = mirrored.shape[1:]
     profile.update(
         count=3, dtype="uint8", height=side, width=side, nodata=0, tiled=True,
-        blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER",
+        blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER", num_threads="all_cpus",
     )
     with rasterio.open(path, "w", **profile) as dst:
         for row in range(0, side, window):
@@ -50,12 +51,49 @@ def write_small_net_card(folder: Path, tile: int = 256, overlap: float = 0.25) -
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1)
     ).eval()
     torch.jit.trace(net, torch.zeros(1, 3, tile, tile)).save(str(folder / "small-net.ts"))
-    card = {
-        "name": "small-net", "format": "torchscript", "weights": "small-net.ts",
-        "tile": {"size": tile, "overlap": overlap},
-        "input": {"bands": [1, 2, 3], "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "classes": [{"id": i, "name": f"class{i}"} for i in range(4)],
-    }
+    card = rgb_card("small-net", tile, overlap, 4, {"format": "torchscript", "weights": "small-net.ts"})
     path = folder / "small-net.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path
+
+
+def rgb_card(name: str, tile: int, overlap: float, classes: int, model: dict) -> dict:
+    """A card reading an 8-bit RGB scene's bands 1-3, scaled to [0, 1] and standardised."""
+    return {
+        "name": name, **model, "tile": {"size": tile, "overlap": overlap},
+        "input": {"bands": [1, 2, 3], "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "classes": [{"id": i, "name": f"class{i}"} for i in range(classes)],
+    }
+
+
+def write_tiny_unet_card(folder: Path, tile: int = 256, overlap: float = 0.25) -> Path:
+    """The registry's unet_padded (base 16, depth 3; random weights), 3 bands -> 4 classes."""
+    from segworkers import models
+
+    torch.manual_seed(0)
+    options = {"base_features": 16, "depth": 3}
+    net = models.create("unet_padded", num_classes=4, in_channels=3, **options)
+    torch.save(net.state_dict(), folder / "tiny-unet.pt")
+    card = rgb_card("tiny-unet", tile, overlap, 4, {
+        "format": "registry", "architecture": "unet_padded", "architecture_options": options, "weights": "tiny-unet.pt",
+    })
+    path = folder / "tiny-unet.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path
+
+
+def write_smp_unet_card(folder: Path, tile: int = 1024, overlap: float = 0.25, classes: int = 6) -> Path:
+    """segmentation_models_pytorch Unet with a ResNet-34 encoder (random weights; the card says
+    nothing of pretrained weights, so nothing is downloaded), 3 bands -> `classes`."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    options = {"encoder_name": "resnet34"}
+    net = smp.create_model("Unet", in_channels=3, classes=classes, encoder_weights=None, **options)
+    torch.save(net.state_dict(), folder / "unet-resnet34.pt")
+    card = rgb_card("unet-resnet34", tile, overlap, classes, {
+        "format": "smp", "architecture": "Unet", "architecture_options": options, "weights": "unet-resnet34.pt",
+    })
+    path = folder / "unet-resnet34.yaml"
     path.write_text(yaml.safe_dump(card))
     return path
