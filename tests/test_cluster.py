@@ -148,3 +148,46 @@ def test_segment_into_an_s3_root_publishes_what_a_local_root_gets(bucket, segmen
     storage.write_whole(f"{out}/sentinel2_scene/left-over.txt", b"from an older output")
     assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", out, "--run-id", "again"]) == 0
     assert set(storage.list_files(f"{out}/sentinel2_scene")) == {"labels.tif", "preview.png"}
+
+
+def test_a_driver_killed_mid_run_on_an_s3_root_resumes_to_the_same_outputs(archive, bucket, single_node_run,
+                                                                              ray_cluster, prefect_server):
+    import os
+    import signal
+
+    import prefect.settings
+    import ray
+
+    images, card = archive
+    out = f"{bucket}/killed"
+
+    def block_records() -> dict[str, int]:
+        """Blocks recorded so far, by image (work folders are named <image>-<key>)."""
+        return {work.rsplit("-", 1)[0]: len(storage.list_names(f"{out}/.work/{work}/blocks"))
+                for work in storage.list_names(f"{out}/.work")}
+
+    environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                   "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), "SEGPIPE_LOCK_LEASE_S": "4"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(images), "--model", str(card), "--out", out, "--block",
+         str(BLOCK), "--run-id", RUN_ID, "--device", "cpu", "--concurrency", "1"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while sum(block_records().values()) < 3:
+            assert time.monotonic() < deadline and driver.poll() is None, "the driver's first blocks"
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    recorded = block_records()
+    assert storage.exists(f"{out}/{LOCK_NAME}"), "the killed driver's lease is left behind"
+
+    time.sleep(4.5)  # its lease runs out; the next run takes the root over
+    report = segment_archive(str(images), str(card), out, block=BLOCK, run_id=RUN_ID, device="cpu")
+    assert sorted(report["done"] + report["skipped"]) == sorted(IMAGES) and report["failed"] == {}
+    assert sum(recorded.values()) >= 3
+    for image in report["done"]:  # every block recorded before the kill is taken over, none redone
+        assert report["blocks"][image]["resumed"] == recorded.get(image, 0), image
+    assert output_files(out) == output_files(str(single_node_run))
