@@ -21,6 +21,8 @@ import errno
 import fcntl
 import json
 import os
+import logging
+import secrets
 import socket
 import threading
 import time
@@ -31,6 +33,7 @@ from pipelines import storage
 from pipelines.errors import InputError
 
 LOCK_NAME = ".segpipe.lock"
+logger = logging.getLogger(__name__)
 
 
 def lease_seconds() -> float:
@@ -97,9 +100,16 @@ def object_store_lock(root: str, run_id: str) -> Iterator[None]:
     """The lease lock of an object-storage root (see the module docstring)."""
     lock_uri = storage.join(root, LOCK_NAME)
     lease = lease_seconds()
+    holder_id = secrets.token_hex(8)
 
     def record() -> bytes:
-        return json.dumps(holder_record(run_id, expires=time.time() + lease)).encode()
+        return json.dumps(holder_record(run_id, holder=holder_id, expires=time.time() + lease)).encode()
+
+    def still_ours() -> bool:
+        try:
+            return json.loads(storage.read_bytes(lock_uri)).get("holder") == holder_id
+        except (FileNotFoundError, ValueError):
+            return False
 
     if not storage.write_if_absent(lock_uri, record()):
         try:
@@ -116,7 +126,15 @@ def object_store_lock(root: str, run_id: str) -> Iterator[None]:
 
     def renew() -> None:
         while not stop.wait(lease / 4):
-            storage.write_whole(lock_uri, record())
+            try:
+                # Not atomic, but it narrows the window: a holder stalled past its lease does not
+                # overwrite the lease of the run that took the root over.
+                if not still_ours():
+                    logger.error("lost the lease on %s: another run took the output root over", lock_uri)
+                    return
+                storage.write_whole(lock_uri, record())
+            except OSError as exc:  # a blip of the object store: try again at the next turn
+                logger.warning("could not renew the lease on %s: %s", lock_uri, exc)
 
     renewer = threading.Thread(target=renew, name="segpipe-lock-lease", daemon=True)
     renewer.start()
@@ -125,4 +143,5 @@ def object_store_lock(root: str, run_id: str) -> Iterator[None]:
     finally:
         stop.set()
         renewer.join()
-        storage.remove(lock_uri)
+        if still_ours():
+            storage.remove(lock_uri)

@@ -126,6 +126,12 @@ def test_the_s3_lease_lock_refuses_a_second_run_and_is_taken_over_once_expired(b
         time.sleep(1.5)  # the holder renews its lease every 0.5 s
         holder = json.loads(storage.read_bytes(f"{root}/{LOCK_NAME}"))
         assert holder["run_id"] == "after" and holder["expires"] > time.time() + 0.5
+        # Stalled past its lease, the holder finds the root taken over: it neither renews nor
+        # deletes the new holder's lease.
+        other = {"holder": "someone-else", "run_id": "took-over", "expires": time.time() + 60}
+        storage.write_whole(f"{root}/{LOCK_NAME}", json.dumps(other).encode())
+        time.sleep(1.0)
+    assert json.loads(storage.read_bytes(f"{root}/{LOCK_NAME}")) == other
 
 
 def test_segment_into_an_s3_root_publishes_what_a_local_root_gets(bucket, segmented_scene, sentinel_scene):
