@@ -55,20 +55,24 @@ class SegmentationActor:
 
 
 def actor_plan(device: str, workers: int | None, threads: int) -> tuple[int, dict]:
-    """How many actors to start and the resources each asks for."""
-    resources = ray.cluster_resources()
+    """How many actors to start and the resources each asks for.
+
+    CPU actors are sized to fit the cluster's nodes: an actor asking for more CPUs than any one
+    node has would wait forever (two 1-CPU nodes are 2 CPUs, but not one 2-CPU actor)."""
     if device == "cuda":
-        gpus = int(resources.get("GPU", 0))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
         if workers:  # GPU actors the cluster cannot place yet wait for its autoscaler to add GPU nodes
             return workers, {"num_gpus": 1, "num_cpus": 1}
         if gpus == 0:
             raise RuntimeError("--device cuda, but the Ray cluster has no GPU (on a cluster whose GPU nodes "
                                "scale from zero, say how many GPU actors to start with --workers N)")
         return gpus, {"num_gpus": 1, "num_cpus": 1}
-    cpus = int(resources.get("CPU", 1))
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    node_cpus = [int(cpus) for cpus in node_cpus if cpus >= 1] or [1]  # a head with CPU 0 runs no actor
     if workers:  # asked for: share the CPUs between them, fractionally if need be
-        return workers, {"num_gpus": 0, "num_cpus": cpus / workers}
-    return max(1, cpus // threads), {"num_gpus": 0, "num_cpus": min(threads, cpus)}
+        return workers, {"num_gpus": 0, "num_cpus": min(sum(node_cpus) / workers, min(node_cpus))}
+    per_actor = min(threads, min(node_cpus))
+    return sum(cpus // per_actor for cpus in node_cpus), {"num_gpus": 0, "num_cpus": per_actor}
 
 
 class ActorPool:

@@ -70,10 +70,11 @@ def test_a_two_node_cluster_with_an_s3_root_gives_the_single_node_outputs(archiv
     with local_ray_cluster(nodes=2, cpus_per_node=1) as cluster:
         environment = {**cluster.environment, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value()}
         environment.pop("RAY_ADDRESS")  # the flag alone says where the cluster is
+        # No --workers: the default plan must fit an actor on each 1-CPU node (not one 2-CPU actor
+        # that no node can hold).
         driver = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", str(images), "--model", str(card), "--out", out,
-             "--block", str(BLOCK), "--run-id", RUN_ID, "--device", "cpu", "--workers", "2",
-             "--ray-address", cluster.address],
+             "--block", str(BLOCK), "--run-id", RUN_ID, "--device", "cpu", "--ray-address", cluster.address],
             env=environment, capture_output=True, text=True, timeout=600,
         )
         assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
