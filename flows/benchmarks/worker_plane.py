@@ -594,6 +594,13 @@ def print_report(report: dict) -> None:
         print(f"segment: {d['actors']} actor(s), started{warmed} in {d['startup_seconds']:.1f} s before timing; "
               f"{d['tiles']} grid tiles, {d['tiles_run_per_grid_tile']:.2f} tiles run per grid tile "
               f"(block {d['block']})")
+        if report["ideal_mpx_per_s"] is not None:
+            # (tile / stride)^2 holds for an unbounded image; on a small one the last tiles sit
+            # flush with the border and overlap their neighbours more or less than a stride.
+            grid_recompute = d["tiles"] * s["tile"] ** 2 / s["side"] ** 2
+            grid_ideal = report["figures"]["model"]["mpx_per_s"] / grid_recompute
+            print(f"this image's grid computes each pixel {grid_recompute:.4f} times: ideal for it "
+                  f"{number(grid_ideal)} Mpx/s, segment / that {report['figures']['segment']['mpx_per_s'] / grid_ideal:.4g}")
     if "end-to-end" in details:
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in details["end-to-end"]["stages"].items())
         print(f"end-to-end stages: {stages}")
