@@ -31,11 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment one image")
     segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack volume")
-    segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     segment.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    add_tiling_options(segment)
-    segment.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels (default 2048; on a GPU 8 tiles, at least 2048)")
-    segment.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
+    add_segment_options(segment)
     segment.add_argument("--tiff", action="store_true",
                          help="slides and Zarr sources: also write labels.tif (a tiled TIFF in pixel coordinates)")
     segment.add_argument("--probabilities", action="store_true",
@@ -44,11 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="segment every new image of an archive (a Prefect flow; resumable)")
     run.add_argument("archive", help="a folder, a glob ('scenes/2026-*/*.tif') or an s3:// prefix")
-    run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     run.add_argument("--out", required=True, help="output root (a folder or an s3:// prefix): images, statistics, manifest")
-    add_tiling_options(run)
-    run.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels (default 2048; on a GPU 8 tiles, at least 2048)")
-    run.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
+    add_segment_options(run)
     run.add_argument("--concurrency", type=int, default=2, help="images in progress at once (default 2)")
     add_statistics_options(run)
 
@@ -94,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_tiling_options(parser: argparse.ArgumentParser) -> None:
+def add_segment_options(parser: argparse.ArgumentParser) -> None:
+    """The model and how it is run: shared by `segment` (one image) and `run` (an archive)."""
+    parser.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     parser.add_argument("--tile", type=int, help="tile side in pixels (default: the card's)")
     parser.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (default: the card's)")
     parser.add_argument("--batch", type=int, help="tiles per model call (default 4)")
@@ -102,6 +98,8 @@ def add_tiling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian",
                         help="weights of overlapping tiles (default gaussian, sigma = tile / 8)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over all flips")
+    parser.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels (default 2048; on a GPU 8 tiles, at least 2048)")
+    parser.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
                         help="torch models: compute in this precision (autocast); blending stays fp32 (default: the card's, fp32)")
     parser.add_argument("--channels-last", action="store_true", default=None, help="torch models: channels-last inputs")
