@@ -181,7 +181,7 @@ def put_tree(local_dir: str | Path, uri: str | Path) -> list[str]:
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise InputError(local_dir, "no such folder to upload")
-    relative = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    relative = list_files(local_dir)
     sources = [str(local_dir / name) for name in relative]
     with _input_errors(str(uri)):
         fs, root = filesystem(uri)

@@ -138,13 +138,13 @@ def torch_forward(module, device: str, threads: int, runtime: RuntimeOptions, me
     module = module.to(device).eval()
     if memory_format is not None:
         module = module.to(memory_format=memory_format)
-    on_cuda = torch.device(device).type == "cuda"
+    device_type = torch.device(device).type
+    on_cuda = device_type == "cuda"
     if runtime.cuda_graphs and not on_cuda:
         warn_once(f"CUDA graphs asked for on {device}: ignored (they need a GPU)")
     if runtime.compile:
         module = torch.compile(module, mode="max-autotune-no-cudagraphs" if on_cuda else None, dynamic=False)
     autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.precision)
-    device_type = torch.device(device).type
 
     def run(batch):
         # No autocast cache: it would keep cast weights alive across CUDA graph capture.
