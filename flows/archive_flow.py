@@ -1,47 +1,52 @@
 """The nightly Prefect flow: segment every image of an archive that is not already done.
 
-    discover -> for each image (at most `concurrency` at once): ingest -> segment -> finalize -> stats
+    discover -> for each image (at most `concurrency` at once): ingest -> segment -> finalize -> record
 
 One Prefect task per image and stage (Prefect costs milliseconds to a second per task run:
 never spend it per tile or block); the stages of one image run inside its `image` task, so
 the UI shows each image with its stages. The segment stages of all images stream their blocks
 into one pool of Ray actors, created once per run. Transient errors (object storage, a lost
-Ray worker) are retried with back-off; a stage resumes where it stopped (finished shards and
-blocks are recorded in the work folder). A bad image fails alone: it is recorded with its
+Ray worker) are retried with back-off; a stage resumes where it stopped (finished blocks are
+recorded in the work folder). A bad image fails alone: it is recorded with its
 error and the others go on. The run holds the output root's lock throughout.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the flow's parameter model from the
+# signature, and a deployment's run cannot resolve string annotations such as "RunOptions".
+import contextlib
 import datetime as dt
 import errno
 import json
-import os
+import math
 import re
+import time
 
-# The ephemeral API server's telemetry heartbeat races the first migrations on SQLite
-# ("database is locked") and has no network to report to anyway.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows.prefect_api import quiet_prefect
+
+quiet_prefect()  # before Prefect is imported
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
-from flows import image_run  # noqa: E402
-from flows.image_run import ImageRun, SegmentSummary, plan_image, resolve_settings  # noqa: E402
+from flows import stages  # noqa: E402
+from flows.html_report import write_html_report  # noqa: E402
 from flows.manifest import image_key, is_done  # noqa: E402
+from flows.options import RunOptions  # noqa: E402
 from flows.progress import stage_progress, transient_stages  # noqa: E402
-from flows.root_lock import root_lock, storage_problem  # noqa: E402
+from flows.root_lock import storage_problem  # noqa: E402
+from flows.run import ImageRun, Run, claim_folder, plan_image, prepare_run, started  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
-from pipelines.model_card import load_card  # noqa: E402
-from pipelines.regions import load_regions  # noqa: E402
-from pipelines.sources import image_stem  # noqa: E402
-from pipelines.stats import begin_run, compact, validate_run_id  # noqa: E402
-from segworkers.actors import ActorPool, ensure_ray  # noqa: E402
+from pipelines.sources import image_stem, list_archive  # noqa: E402
+from segworkers.actors import ActorPool  # noqa: E402
+from segworkers.cluster import ensure_ray, runs_in_driver, worker_error  # noqa: E402
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".nii", ".nii.gz")
 RETRY_DELAYS_S = [2, 10, 30]
 # Errors about the output root itself: retrying cannot help.
 PERMANENT_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
@@ -52,6 +57,7 @@ def is_transient(exc: BaseException) -> bool:
     that died; never bad input or a full or read-only disk."""
     import ray.exceptions
 
+    exc = worker_error(exc)
     if isinstance(exc, InputError):
         return False
     if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
@@ -70,165 +76,278 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
-def stage(function):
-    """A per-image stage as a Prefect task: no caching (results live in the output root),
-    retried with back-off on transient errors only."""
-    return task(function, cache_policy=NO_CACHE, retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
-                retry_condition_fn=retry_transient)
+def retrying(function, *arguments):
+    """`function(*arguments)`, called again after each of RETRY_DELAYS_S while it fails with a
+    transient error; bad input and a root that cannot take writes fail at once."""
+    for retry, delay in enumerate([*RETRY_DELAYS_S, None], start=1):
+        try:
+            return function(*arguments)
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            get_run_logger().warning("Retry %d/%d of %s in %d s after %s", retry, len(RETRY_DELAYS_S),
+                                     function.__name__, delay, one_line(worker_error(exc)))
+            time.sleep(delay)
 
 
-@stage
-def ingest(run: ImageRun) -> None:
-    image_run.ingest(run)
+# Small images go through the stages in batches of up to this many pixels (and images): a
+# Prefect task costs tens of milliseconds of the driver's time, an image of 512 x 512 about half
+# a second of a CPU's model time; a batch's blocks also share the model's batches.
+BATCH_PIXELS = 4096 * 4096
+BATCH_IMAGES = 32
 
 
-@stage
-def segment(run: ImageRun, pool: ActorPool) -> SegmentSummary:
-    return image_run.segment(run, pool)
+def image_batches(images: list[ImageRun]) -> list[list[ImageRun]]:
+    """Consecutive images in batches of at most BATCH_PIXELS pixels (an image with more is a
+    batch of its own) and BATCH_IMAGES images."""
+    batches: list[list[ImageRun]] = []
+    pixels = 0
+    for image in images:
+        size = math.prod(image.source.shape)
+        if batches and pixels + size <= BATCH_PIXELS and len(batches[-1]) < BATCH_IMAGES:
+            batches[-1].append(image)
+            pixels += size
+        else:
+            batches.append([image])
+            pixels = size
+    return batches
 
 
-@stage
-def finalize(run: ImageRun) -> None:
-    image_run.finalize(run)
+def batch_names(images: list[ImageRun]) -> str:
+    """How the UI names a batch: "T32UQD", "a, b", "a … z (32 images)"."""
+    names = [image.name for image in images]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]} ({len(names)} images)"
 
 
-@stage
-def record_stats(run: ImageRun, summary: SegmentSummary, run_id: str, run_date: dt.date) -> None:
-    """The image's statistics, then its manifest record: written last, it marks the image done."""
-    image_run.record_stats(run, summary, run_id, run_date)
-    image_run.complete(run, run_id, run_date)
+@task(cache_policy=NO_CACHE, task_run_name="{title}")
+def stage_task(title: str, work) -> None:
+    work()
 
 
-@task(cache_policy=NO_CACHE, task_run_name="image {run.name}")
-def process_image(run: ImageRun, pool: ActorPool, run_id: str, run_date: dt.date) -> dict:
-    try:
-        ingest(run)
-        summary = segment(run, pool)
-        finalize(run)
-        record_stats(run, summary, run_id, run_date)
+@task(cache_policy=NO_CACHE, task_run_name="image {names}")
+def process_images(names: str, images: list[ImageRun], pool: ActorPool) -> list[dict]:
+    """A batch of images through their stages (flows.stages.run_images), each stage a task
+    named by the stage and the images ("segment T32UQD"). Each image's outcome: its report
+    entry, or its failure in one line."""
+    logger = get_run_logger()
+    outcomes = stages.run_images(images, pool, attempt=retrying,
+                                 run_stage=lambda stage, work: stage_task(f"{stage.__name__} {names}", work))
+    entries = []
+    for image, outcome in zip(images, outcomes):
+        if isinstance(outcome, BaseException):
+            message = failure_message(outcome, image.run.out_root)
+            expected = isinstance(worker_error(outcome), (InputError, OSError))
+            uri = image.source.uri
+            logger.error("failed: %s", message if message.startswith(uri) else f"{uri}: {message}",
+                         exc_info=None if expected else outcome)
+            entries.append({"failed": message})
+            continue
         # Small on purpose: a night of 100,000 images keeps every task's result until it ends.
-        return {"blocks": len(summary.blocks), "blocks_resumed": summary.blocks_resumed,
-                "blocks_by_node": summary.blocks_by_node}
-    except InputError:
-        image_run.discard(run)
-        raise
+        summary = outcome.summary
+        entries.append({"blocks": len(summary.blocks), "blocks_resumed": summary.blocks_resumed,
+                        "blocks_by_node": summary.blocks_by_node, **stages.image_entry(image, outcome)})
+    return entries
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def discover_images(archive: str) -> list[str]:
     """The images in a local folder, matching a glob, or under an s3:// prefix."""
-    return storage.list_images(archive, IMAGE_SUFFIXES)
+    return list_archive(archive)
 
 
 def failure_message(exc: BaseException, out: str) -> str:
+    """One line for the report: bad input and storage problems as segpipe words them, anything
+    else as its type and the first line of its message (the traceback goes to the log)."""
+    exc = worker_error(exc)
     if isinstance(exc, InputError):
         return str(exc)
     if isinstance(exc, OSError) and (problem := storage_problem(out, exc)):
         return str(problem)
-    return f"{type(exc).__name__}: {exc}"
+    return one_line(getattr(exc, "cause", None) or exc)
+
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(exc: BaseException) -> str:
+    first = next((line for line in ANSI_CODES.sub("", str(exc)).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first.strip()}"
 
 
 @flow(name="segment-archive")
-def segment_archive(
-    archive: str,
-    model: str,
-    out: str,
-    tile: int | None = None,
-    overlap: float | None = None,
-    batch: int | None = None,
-    device: str | None = None,
-    block: int | None = None,
-    workers: int | None = None,
-    run_id: str | None = None,
-    regions: str | None = None,
-    region_id: str | None = None,
-    concurrency: int = 2,
-    ray_address: str | None = None,
-    precision: str | None = None,
-    channels_last: bool | None = None,
-    compile: bool | None = None,
-    cuda_graphs: bool | None = None,
-) -> dict:
+def segment_archive(archive: str, model: str, out: str, options: RunOptions = RunOptions()) -> dict:
     """Segment each image in `archive` with `model`, writing results and statistics under `out`.
 
-    The run id (default: today's date, so a night's re-run resumes the same run) names the
-    run's rows in the statistics. `ray_address` joins an existing Ray cluster (default:
-    RAY_ADDRESS, else a local one). `precision`, `channels_last`, `compile` and `cuda_graphs`
-    override the card's runtime options. Returns the run's report: done, skipped and failed images,
-    and blocks per Ray node."""
+    `options` (flows.options.RunOptions) are those of `segpipe run`: the run id (default:
+    today's date, so a night's re-run resumes the same run) names the run's rows in the
+    statistics; `ray_address` joins an existing Ray cluster (default: RAY_ADDRESS, else a local
+    one). Returns the run's report: done, skipped and failed images, and blocks per Ray node."""
+    try:
+        report = run_archive(archive, model, out, options)
+    except InputError as exc:
+        # Bad input stops the run in one line: the flow run is Failed with it as its message (no
+        # traceback in the log), and a caller gets the InputError itself.
+        return Failed(message=str(exc), data=exc)
+    if report["failed"]:  # users filter the runs with failed images by this state
+        return Failed(message=f"{len(report['failed'])} image(s) failed, {len(report['done'])} done, "
+                              f"{len(report['skipped'])} skipped: see the run report", data=report)
+    return report
+
+
+def run_night(archive: str, model: str, out: str, options: RunOptions | None = None) -> dict:
+    """The segment-archive flow, run in this process, and its report, also when images failed
+    (the flow run then ends Failed); bad input that stops the whole run raises its InputError."""
+    state = segment_archive(archive, model, out, options or RunOptions(), return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def run_archive(archive: str, model: str, out: str, options: RunOptions) -> dict:
     logger = get_run_logger()
-    card = load_card(model).with_runtime(precision, channels_last, compile, cuda_graphs)
-    settings = resolve_settings(card, tile=tile, overlap=overlap, batch=batch, block=block, device=device,
-                                workers=workers, regions=regions, region_id=region_id)
-    if regions:
-        load_regions(regions, region_id)  # a bad regions file stops the run before any work
-    run_id = validate_run_id(run_id or dt.date.today().isoformat())
-    root = str(out)
-    report: dict = {"run_id": run_id, "done": [], "skipped": [], "failed": {}, "blocks": {}, "blocks_by_node": {}}
-    with root_lock(root, run_id):
-        stats_root = storage.join(root, "stats")
-        compact(stats_root)  # rows an interrupted earlier run left pending
-        run_date = begin_run(stats_root, run_id, dt.date.today())
-        report["run_date"] = run_date.isoformat()
-        runs = plan_archive(discover_images(archive), card, settings, root, report)
+    run = prepare_run(model, out, options)
+    options = run.options
+    report: dict = {"run_id": run.run_id, "model": run.card.name, "model_version": run.card.version,
+                    "archive": storage.absolute(archive), "out": storage.absolute(run.out_root), "started": dt.datetime.now().isoformat(timespec="seconds"),
+                    "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in run.card.classes],
+                    "done": [], "skipped": [], "failed": {}, "blocks": {}, "blocks_by_node": {}, "images": {}}
+    with started(run) as run, contextlib.ExitStack() as stack:
+        report["run_date"] = run.run_date.isoformat()
+        to_do = images_to_do(discover_images(archive), run, report)
+        if to_do and runs_in_driver(options.device, options.workers, options.ray_address):
+            pool = stages.local_pool(run.card, options)
+        elif to_do:  # the actors start (and load the model) while the images are opened
+            ensure_ray(run.options.ray_address)
+            pool = stack.enter_context(ActorPool.take(run.card, options.device, options.batch, options.workers))
+        images = open_images(to_do, run, report)
         logger.info("run %s: %d images to segment, %d already done, %d failed to open",
-                    run_id, len(runs), len(report["skipped"]), len(report["failed"]))
-        if runs:
-            ensure_ray(ray_address)
-            segment_images(runs, card, settings, run_id, run_date, concurrency, report)
-        compact(stats_root)
-        write_run_report(root, report)
-    logger.info("run %s: %d done, %d skipped, %d failed", run_id, len(report["done"]), len(report["skipped"]),
+                    run.run_id, len(images), len(report["skipped"]), len(report["failed"]))
+        if images:
+            run_batches(images, run, report, pool)
+        report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        try:
+            write_run_report(run.out_root, report)
+            report["html"] = write_html_report(run.out_root, report)
+        except OSError as exc:  # the summary is printed all the same
+            report["report_error"] = failure_message(exc, run.out_root)
+            logger.error("the run report could not be written: %s", report["report_error"])
+        publish_artifacts(report)
+    logger.info("run %s: %d done, %d skipped, %d failed", run.run_id, len(report["done"]), len(report["skipped"]),
                 len(report["failed"]))
     return report
 
 
-def plan_archive(uris: list[str], card, settings, root: str, report: dict) -> list[ImageRun]:
-    """The images still to do: those the manifest has for this card and settings are skipped
-    without opening them; the others are opened and checked against the card."""
-    logger = get_run_logger()
-    digest = card.digest()
-    runs = []
+def images_to_do(uris: list[str], run: Run, report: dict) -> list[tuple[str, str]]:
+    """(URI, manifest key) of the images not done yet: those the manifest has for this card and
+    settings are skipped without opening them."""
+    to_do = []
     for uri in uris:
         try:
-            if is_done(root, image_key(uri, digest, settings.affecting_output())):
-                report["skipped"].append(image_stem(uri))
-                continue
-            runs.append(plan_image(uri, card, settings, root, digest))
-        except InputError as exc:
-            logger.error("failed: %s", exc)
-            report["failed"][uri] = str(exc)
-    return runs
+            key = image_key(uri, run.card_digest, run.output_settings)
+        except (InputError, OSError) as exc:
+            fail_to_open(uri, exc, run, report)
+            continue
+        if is_done(run.out_root, key):
+            report["skipped"].append(image_stem(uri))
+        else:
+            to_do.append((uri, key))
+    return to_do
 
 
-def segment_images(runs: list[ImageRun], card, settings, run_id: str, run_date: dt.date, concurrency: int,
-                   report: dict) -> None:
+def open_images(to_do: list[tuple[str, str]], run: Run, report: dict) -> list[ImageRun]:
+    """The images opened and checked against the card, each with its folder in the root."""
     logger = get_run_logger()
-    artifact = create_progress_artifact(0.0, key=artifact_key(f"progress-{run_id}"),
-                                        description=f"segpipe run {run_id}: images finished")
-    runner = ThreadPoolTaskRunner(max_workers=max(1, concurrency))
-    with ActorPool(card, settings.device, settings.batch, settings.workers) as pool, transient_stages(), runner:
-        with stage_progress(f"run {run_id}: images", len(runs)) as advance:
-            futures = [(run, runner.submit(process_image, parameters={
-                "run": run, "pool": pool, "run_id": run_id, "run_date": run_date})) for run in runs]
+    images = []
+    for uri, key in to_do:
+        try:
+            image = claim_folder(plan_image(run, uri, key))
+        except (InputError, OSError) as exc:
+            fail_to_open(uri, exc, run, report)
+            continue
+        for note in image.notes:
+            logger.warning(note)
+        images.append(image)
+    return images
+
+
+def fail_to_open(uri: str, exc: BaseException, run: Run, report: dict) -> None:
+    message = failure_message(exc, run.out_root)
+    get_run_logger().error("failed: %s", message if message.startswith(uri) else f"{uri}: {message}")
+    report["failed"][uri] = message
+
+
+def run_batches(images: list[ImageRun], run: Run, report: dict, pool: ActorPool) -> None:
+    artifact = create_progress_artifact(0.0, key=artifact_key(f"progress-{run.run_id}"),
+                                        description=f"segpipe run {run.run_id}: images finished")
+    runner = ThreadPoolTaskRunner(max_workers=max(1, run.options.concurrency))
+    with transient_stages(), runner:
+        with stage_progress(f"run {run.run_id}: images", len(images)) as advance:
+            futures = [(batch, runner.submit(process_images, parameters={
+                "names": batch_names(batch), "images": quote(batch), "pool": pool})) for batch in image_batches(images)]
             futures.reverse()
-            for finished in range(1, len(runs) + 1):
-                run, future = futures.pop()  # dropped once read: memory stays flat over a long night
+            finished = 0
+            while futures:
+                batch, future = futures.pop()  # dropped once read: memory stays flat over a long night
                 try:
-                    outcome = future.result()
-                    report["blocks"][run.name] = {"total": outcome["blocks"], "resumed": outcome["blocks_resumed"]}
-                    for node, count in outcome["blocks_by_node"].items():
+                    entries = future.result()
+                except Exception as exc:  # noqa: BLE001 - a batch that broke: its images failed, the run goes on
+                    get_run_logger().error("failed: %s", batch_names(batch), exc_info=exc)
+                    entries = [{"failed": failure_message(exc, run.out_root)}] * len(batch)
+                for image, entry in zip(batch, entries):
+                    if "failed" in entry:
+                        report["failed"][image.source.uri] = entry["failed"]
+                        continue
+                    report["blocks"][image.name] = {"total": entry["blocks"], "resumed": entry["blocks_resumed"]}
+                    report["images"][image.name] = {key: value for key, value in entry.items()
+                                                    if not key.startswith("blocks")}
+                    for node, count in entry["blocks_by_node"].items():
                         report["blocks_by_node"][node] = report["blocks_by_node"].get(node, 0) + count
-                    report["done"].append(run.name)
-                except Exception as exc:  # noqa: BLE001 - one image's failure is recorded, the run goes on
-                    message = failure_message(exc, run.out_root)
-                    logger.error("failed: %s: %s", run.source.uri, message)
-                    report["failed"][run.source.uri] = message
-                advance()
-                update_progress_artifact(artifact, 100.0 * finished / len(runs))
-    rows = [{"image": name, "outcome": "done"} for name in report["done"]]
+                    report["done"].append(image.name)
+                finished += len(batch)
+                advance(len(batch))
+                update_progress_artifact(artifact, 100.0 * finished / len(images))
+
+
+def publish_artifacts(report: dict) -> None:
+    """The run in Prefect's UI: a table of every image (done with its areas, outputs, time and
+    resumed blocks; failed with its whole reason; skipped) and a markdown summary with the class
+    areas and the HTML report's location."""
+    from flows.report import format_area
+
+    run_id = report["run_id"]
+    rows = []
+    for name in report["done"]:
+        entry, blocks = report["images"].get(name, {}), report["blocks"].get(name, {})
+        areas = "; ".join(f"{c} {format_area(v['area'], entry['area_unit'])}" for c, v in entry.get("classes", {}).items())
+        rows.append({"image": name, "outcome": "done", "areas": areas, "seconds": entry.get("seconds"),
+                     "resumed blocks": f"{blocks.get('resumed', 0)} of {blocks.get('total', 0)}",
+                     "outputs": ", ".join(entry.get("outputs", []))})
     rows += [{"image": uri, "outcome": f"failed: {why}"} for uri, why in report["failed"].items()]
+    rows += [{"image": name, "outcome": "skipped: already done"} for name in report["skipped"]]
     create_table_artifact(rows, key=artifact_key(f"images-{run_id}"), description=f"segpipe run {run_id}")
+    create_markdown_artifact(run_summary_markdown(report), key=artifact_key(f"summary-{run_id}"),
+                             description=f"segpipe run {run_id}: summary")
+
+
+def run_summary_markdown(report: dict) -> str:
+    from flows.report import format_area
+
+    totals: dict[tuple[str, str], float] = {}
+    for entry in report["images"].values():
+        for name, value in entry.get("classes", {}).items():
+            totals[name, entry["area_unit"]] = totals.get((name, entry["area_unit"]), 0.0) + value["area"]
+    lines = [f"# segpipe run {report['run_id']} ({report.get('run_date', '')})", "",
+             f"{len(report['done'])} done, {len(report['skipped'])} skipped, {len(report['failed'])} failed; "
+             f"model {report.get('model', '')}.", ""]
+    if report.get("html"):
+        lines += [f"Report: [{report['html']}]({report['html']})", ""]
+    if totals:
+        lines += ["| class | area |", "|---|---|"] + [f"| {name} | {format_area(area, unit)} |"
+                                                    for (name, unit), area in totals.items()]
+    for uri, why in report["failed"].items():
+        lines.append(f"- failed: `{uri}`: {why}")
+    return "\n".join(lines) + "\n"
 
 
 def artifact_key(text: str) -> str:

@@ -1,9 +1,13 @@
 """The `segpipe` command line.
 
-    segpipe segment SRC --model CARD --out DIR [--tile N] [--overlap F] [--batch N] [--device cpu|cuda]
+    segpipe [--version] [-q | -v] COMMAND ...
+    segpipe segment SRC --model CARD --out DIR [--tile N] [--overlap F] [--batch N] [--device cpu|cuda] [--json]
     segpipe run ARCHIVE --model CARD --out ROOT [--run-id ID] [--concurrency N] [segment options]
-    segpipe deploy ARCHIVE --model CARD --out ROOT --cron "0 2 * * *" [--name NAME]
+    segpipe deploy ARCHIVE --model CARD --out ROOT --cron "0 2 * * *" [--name NAME] [run options]
     segpipe stats ROOT [--by class,image,region,run_date] [--change BEFORE AFTER] [--top N --class C] [--sql Q]
+    segpipe report ROOT [--run-id ID]
+    segpipe train --images IMAGES --labels LABELS --architecture NAME --out DIR [--epochs N] [--workers N] [--resume]
+    segpipe evaluate LABELS --reference REFERENCE [--format table|csv|json] [--out DIR]
     segpipe models list [--classes K] [--bands C]
     segpipe bench [--device cuda] [--model unet-resnet34] [--side N] [--parts ...] [--actors 1,2,4,8]
     segpipe demo [--out DIR]
@@ -16,42 +20,79 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
+import json
 import sys
 from pathlib import Path
 
-from flows.progress import console
+from flows.options import RunOptions, add_field_options, add_run_options, options_from_args
+from flows.training_run import TrainingOptions
+from flows import segpipe_version
+from flows.progress import console, note, set_verbosity, verbosity
 from pipelines.errors import InputError
 
 EXIT_BAD_INPUT = 2
+# The demo scene is top-of-atmosphere reflectance (Level-1C): the L1C model fits it.
+DEMO_CARD = "s2-cloud-l1c"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpipe", description="Segment huge images with semantic segmentation networks.")
+    parser.add_argument("--version", action="version", version=f"segpipe {segpipe_version()}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: results and errors only")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="also Prefect's and Ray's own messages (banners, task logs, workers' output)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser("segment", help="segment one image")
-    segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack volume")
+    segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack "
+                                     "volume, a Zarr / OME-Zarr array")
+    segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     segment.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    add_segment_options(segment)
-    segment.add_argument("--tiff", action="store_true",
-                         help="slides and Zarr sources: also write labels.tif (a tiled TIFF in pixel coordinates)")
-    segment.add_argument("--probabilities", action="store_true",
-                         help="also write uint8-quantised class probabilities to DIR/<image>/probabilities.zarr")
-    add_statistics_options(segment)
+    add_run_options(segment, archive=False)
+    segment.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
     run = commands.add_parser("run", help="segment every new image of an archive (a Prefect flow; resumable)")
     run.add_argument("archive", help="a folder, a glob ('scenes/2026-*/*.tif') or an s3:// prefix")
+    run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     run.add_argument("--out", required=True, help="output root (a folder or an s3:// prefix): images, statistics, manifest")
-    add_segment_options(run)
-    run.add_argument("--concurrency", type=int, default=2, help="images in progress at once (default 2)")
-    add_statistics_options(run)
+    add_run_options(run, archive=True)
+    run.add_argument("--json", action="store_true", help="print the run report as one JSON object on stdout")
 
     deploy = commands.add_parser("deploy", help="serve the run on a schedule against a Prefect server")
     deploy.add_argument("archive", help="a folder, a glob or an s3:// prefix")
     deploy.add_argument("--model", required=True, help="model card: a YAML path or a built-in name")
     deploy.add_argument("--out", required=True, help="output root")
     deploy.add_argument("--cron", required=True, help='schedule, e.g. "0 2 * * *" (every night at 02:00)')
+    deploy.add_argument("--timezone", help="IANA timezone of the cron times (default UTC)")
     deploy.add_argument("--name", default="nightly", help="deployment name (default nightly)")
+    add_run_options(deploy, archive=True)
+
+    train = commands.add_parser("train", help="train a network on labelled images into a model card (Ray Train)")
+    train.add_argument("--images", required=True, help="an image, or a folder / glob / s3:// prefix of images")
+    train.add_argument("--labels", required=True,
+                       help="its label raster (class ids, 255 = not labelled; a slide: QuPath GeoJSON annotations), "
+                            "or a folder of them matched by name (IMAGE.tif, IMAGE_mask.tif, IMAGE_labels.tif, ...)")
+    train.add_argument("--out", required=True, help="folder (or s3:// prefix) for card.yaml, weights, metrics and "
+                                                    "checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_field_options(train, TrainingOptions)
+    train.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+    evaluate = commands.add_parser("evaluate", help="IoU, Dice, precision, recall and confusion of labels against a "
+                                                    "reference")
+    evaluate.add_argument("prediction", help="a labels raster (labels.tif, labels.nii.gz), or an output root")
+    evaluate.add_argument("--reference", required=True,
+                          help="the reference raster on the same grid (255 = not labelled), or for an output root a "
+                               "folder of references matched by image name")
+    evaluate.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                          help="output format (default table)")
+    evaluate.add_argument("--out", help="also write evaluation.parquet (per image x class) and confusion.parquet here")
+
+    report = commands.add_parser("report", help="write a run's HTML report again (<root>/runs/<run id>.html)")
+    report.add_argument("root", help="an output root (local folder or s3:// prefix)")
+    report.add_argument("--run-id", help="the run (default: the latest report in the root)")
 
     stats = commands.add_parser("stats", help="areas by class, image, region or run date from an output root's statistics")
     stats.add_argument("root", help="an output root (local folder or s3:// prefix) or its stats/ folder")
@@ -77,44 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     models_list.add_argument("--classes", type=int, default=21, help="classes to count parameters for (default 21)")
     models_list.add_argument("--bands", type=int, default=3, help="input bands to count parameters for (default 3)")
 
-    bench = commands.add_parser(
-        "bench", help="throughput of the worker plane: model alone, segment stage, end to end, MONAI, CPU actor scaling")
-    from flows.benchmarks.worker_plane import add_arguments as add_bench_arguments
-
-    add_bench_arguments(bench)
+    # The benchmark parses its own options (segpipe bench --help): its modules load only when it runs.
+    commands.add_parser("bench", add_help=False, prefix_chars="\0",
+                        help="throughput of the worker plane: model alone, segment stage, end to end, MONAI, CPU actor "
+                             "scaling (segpipe bench --help)").add_argument("bench_args", nargs=argparse.REMAINDER)
 
     demo = commands.add_parser("demo", help="run the Prefect flow on the bundled Sentinel-2 demo archive")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="demo folder (default: demo-output)")
     return parser
-
-
-def add_segment_options(parser: argparse.ArgumentParser) -> None:
-    """The model and how it is run: shared by `segment` (one image) and `run` (an archive)."""
-    parser.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
-    parser.add_argument("--tile", type=int, help="tile side in pixels (default: the card's)")
-    parser.add_argument("--overlap", type=float, help="tile overlap fraction in [0, 1) (default: the card's)")
-    parser.add_argument("--batch", type=int, help="tiles per model call (default 4)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when the model's runtime can use a GPU")
-    parser.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian",
-                        help="weights of overlapping tiles (default gaussian, sigma = tile / 8)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over all flips")
-    parser.add_argument("--block", type=int, help="output block (= Zarr shard) side in pixels (default 2048; on a GPU 8 tiles, at least 2048)")
-    parser.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or CPUs / 2)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"),
-                        help="torch models: compute in this precision (autocast); blending stays fp32 (default: the card's, fp32)")
-    parser.add_argument("--channels-last", action="store_true", default=None, help="torch models: channels-last inputs")
-    parser.add_argument("--compile", action="store_true", default=None, help="torch models: torch.compile the network")
-    parser.add_argument("--cuda-graphs", action="store_true", default=None,
-                        help="torch models on a GPU: replay the network as a CUDA graph (batches have one fixed shape)")
-    parser.add_argument("--ray-address", help="join this Ray cluster (head host:port, 'auto', or ray://host:10001) "
-                                              "instead of starting a local one (default: $RAY_ADDRESS)")
-
-
-def add_statistics_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-id", help="the run's name in the statistics (default: today's date); "
-                                         "re-running a run id replaces its own rows")
-    parser.add_argument("--regions", help="a GeoPackage or GeoJSON of regions: also write per region x class areas")
-    parser.add_argument("--region-id", help="the regions' id field (default: 'id' or 'name', else the feature id)")
 
 
 def parse_date(text: str) -> dt.date:
@@ -126,83 +137,154 @@ def parse_date(text: str) -> dt.date:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
+        if args.command in ("run", "demo"):
+            return flow_command(args)
         if args.command == "segment":
             return segment_command(args)
         if args.command == "stats":
             return stats_command(args)
-        if args.command == "run":
-            return run_command(args)
+        if args.command == "report":
+            from flows.html_report import rebuild
+
+            print(rebuild(str(args.root).rstrip("/"), args.run_id))
+            return 0
         if args.command == "deploy":
             from flows.deploy import serve_deployment
 
-            serve_deployment(args.archive, args.model, args.out, args.cron, name=args.name)
+            serve_deployment(args.archive, args.model, args.out, args.cron, name=args.name, timezone=args.timezone,
+                             options=options_from_args(args))
             return 0
+        if args.command == "train":
+            return train_command(args)
+        if args.command == "evaluate":
+            return evaluate_command(args)
         if args.command == "models":
             return models_list_command(args)
         if args.command == "bench":
-            from flows.benchmarks.worker_plane import run as run_bench
+            from flows.benchmarks.worker_plane import main as bench
 
-            return run_bench(args)
-        return demo_command(args)
+            return bench(args.bench_args, prog="segpipe bench")
+        raise AssertionError(f"no such command: {args.command}")
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def segment_command(args: argparse.Namespace) -> int:
-    from flows.image_run import LABEL_OUTPUTS, plan_image, resolve_settings, run_image
+    import dataclasses
+
     from flows.report import print_area_table
-    from pipelines.model_card import load_card
-    from pipelines.regions import load_regions
-    from flows.root_lock import root_lock
+    from flows.root_lock import storage_problem
+    from flows.run import claim_folder, plan_image, prepare_run, started
+    from segworkers.cluster import worker_error
+    from flows.stages import run_image
     from pipelines import storage
-    from pipelines.stats import begin_run, compact, validate_run_id
 
-    card = load_card(args.model).with_runtime(args.precision, args.channels_last, args.compile, args.cuda_graphs)
-    settings = resolve_settings(
-        card, tile=args.tile, overlap=args.overlap, batch=args.batch, block=args.block, device=args.device,
-        workers=args.workers, blending=args.blending, tta=args.tta, probabilities=args.probabilities,
-        label_tiff=args.tiff, regions=args.regions, region_id=args.region_id,
-    )
-    run_id = validate_run_id(args.run_id or dt.date.today().isoformat())
-    if args.regions:
-        load_regions(args.regions, args.region_id)
-    run = plan_image(args.src, card, settings, args.out, card.digest())
-    shape = " x ".join(str(s) for s in reversed(run.source.shape))
-    console.print(f"segmenting {run.source.kind} {run.source.uri} ({shape}) with {card.name} on {settings.device}")
-    stats_root = storage.join(run.out_root, "stats")
-    if args.ray_address:
-        from segworkers.actors import ensure_ray
+    started_at = dt.datetime.now().isoformat(timespec="seconds")
+    run = prepare_run(args.model, args.out, options_from_args(args))
+    image = plan_image(run, args.src)
+    shape = " x ".join(str(s) for s in reversed(image.source.shape))
+    if verbosity() != "quiet":
+        console.print(f"segmenting {image.source.kind} {image.source.uri} ({shape}) with {run.card.name} on "
+                      f"{run.options.device}")
+    for text in image.notes:
+        note(text)
+    with started(run) as run:
+        image = claim_folder(dataclasses.replace(image, run=run))
+        try:
+            result = run_image(image)
+        except OSError as exc:  # a full or read-only disk, also from inside a worker
+            raise storage_problem(run.out_root, worker_error(exc)) or exc
+    summary = result.summary
+    page = write_segment_report(run, image, result, started_at)
+    if args.json:
+        from flows.stages import image_entry
 
-        ensure_ray(args.ray_address)
-    with root_lock(run.out_root, run_id):
-        run_date = begin_run(stats_root, run_id, dt.date.today())
-        summary, stats = run_image(run, run_id, run_date)
-        compact(stats_root)
-    print(f"labels:  {storage.join(run.output_dir, LABEL_OUTPUTS[run.source.kind])}\n"
-          f"preview: {storage.join(run.output_dir, 'preview.png')}\nstats:   {stats_root}")
-    if settings.probabilities:
-        print(f"probabilities: {storage.join(run.output_dir, 'probabilities.zarr')} (uint8, probability x 255)")
+        print(json.dumps({"image": image.name, "run_id": run.run_id, "run_date": run.run_date.isoformat(),
+                          "model": run.card.name, "notes": list(image.notes), "statistics": run.stats_root,
+                          "report": page, "blocks": len(summary.blocks), "blocks_resumed": summary.blocks_resumed,
+                          **image_entry(image, result)}))
+        return 0
+    for output in image.outputs:
+        if output.file in result.written:
+            label = "labels" if output.name == image.source.labels_output else output.name
+            print(f"{label + ':':8s} {storage.join(image.output_dir, output.file)} ({output.description})")
+    print(f"stats:   {run.stats_root}")
+    print(f"report:  {page}")
     print(f"tiles:   {summary.tiles - summary.tiles_skipped} segmented, {summary.tiles_skipped} skipped (no valid pixels)")
     if summary.blocks_resumed:
         print(f"resumed: {summary.blocks_resumed} of {len(summary.blocks)} blocks were done by an interrupted run")
-    print_area_table(stats, title=f"{run.name}: per-class areas ({card.name})")
+    print_area_table(result.stats, title=f"{image.name}: per-class areas ({run.card.name})")
     if summary.blocks_by_node and len(summary.blocks_by_node) > 1:
         print("blocks per Ray node: " + ", ".join(f"{node[:8]} {n}" for node, n in sorted(summary.blocks_by_node.items())))
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from flows.archive_flow import segment_archive
+def write_segment_report(run, image, result, started_at: str) -> str:
+    """`segment`'s report for its image: <root>/runs/<run id>-<image>.json and .html beside it (a
+    run of the same id keeps its own), which `segpipe report --run-id <run id>-<image>` rebuilds."""
+    from flows.html_report import write_html_report
+    from flows.stages import image_entry
+    from pipelines import storage
 
-    report = segment_archive(
-        args.archive, args.model, args.out, tile=args.tile, overlap=args.overlap, batch=args.batch,
-        device=args.device, block=args.block, workers=args.workers, run_id=args.run_id, regions=args.regions,
-        region_id=args.region_id, concurrency=args.concurrency, ray_address=args.ray_address,
-        precision=args.precision, channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
-    )
-    print_run_report(report, args.out)
+    report = {"run_id": run.run_id, "run_date": run.run_date.isoformat(), "model": run.card.name,
+              "model_version": run.card.version, "archive": image.source.uri, "out": run.out_root,
+              "started": started_at, "finished": dt.datetime.now().isoformat(timespec="seconds"),
+              "classes": [{"id": c.id, "name": c.name, "color": list(c.color)} for c in run.card.classes],
+              "done": [image.name], "skipped": [], "failed": {},
+              "blocks": {image.name: {"total": len(result.summary.blocks), "resumed": result.summary.blocks_resumed}},
+              "images": {image.name: image_entry(image, result)}}
+    name = storage.join(run.out_root, "runs", f"{run.run_id}-{image.name}")
+    storage.write_whole(f"{name}.json", json.dumps(report, indent=2, default=str).encode())
+    return write_html_report(run.out_root, report, f"{name}.html")
+
+
+def flow_command(args: argparse.Namespace) -> int:
+    """`run` and `demo` run the Prefect flow. Its API (a temporary server of this command's own,
+    unless PREFECT_API_URL names one) starts first, and while it does the flow's modules are
+    imported, the run's card and options checked and, where the model runs on Ray actors
+    (segworkers.cluster.runs_in_driver), Ray and the actors started."""
+    import threading
+
+    from flows.prefect_api import prefect_api
+    from segworkers.cluster import ensure_ray, runs_in_driver
+
+    model, out, options = (args.model, args.out, options_from_args(args)) if args.command == "run" else (
+        DEMO_CARD, args.out / "results", RunOptions())
+    with prefect_api() as api_ready:
+        # The flow's modules (torch, Prefect) are imported beside Ray's start-up, which mostly waits for its processes.
+        importing = threading.Thread(target=importlib.import_module, args=("flows.archive_flow",))
+        importing.start()
+        if not runs_in_driver("cpu", options.workers, options.ray_address):  # a cluster, or a machine for several actors
+            ensure_ray(options.ray_address)
+        importing.join()
+        from flows.archive_flow import run_night
+        from flows.run import prepare_run
+
+        # Bad input stops the command here; else the actors start (and load the model) while the flow does.
+        run = prepare_run(model, out, options)
+        on_actors = not runs_in_driver(run.options.device, run.options.workers, run.options.ray_address)
+        if on_actors:
+            from segworkers.actors import ActorPool
+
+            ensure_ray(run.options.ray_address)
+            ActorPool.prestart(run.card, run.options.device, run.options.batch, run.options.workers)
+        try:
+            api_ready()
+            return run_command(args, run_night) if args.command == "run" else demo_command(args, run_night)
+        finally:
+            if on_actors:
+                ActorPool.discard_prestarted()
+
+
+def run_command(args: argparse.Namespace, run_night) -> int:
+    report = run_night(args.archive, args.model, args.out, options_from_args(args))
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print_run_report(report, args.out)
     return 1 if report["failed"] else 0
 
 
@@ -217,7 +299,11 @@ def print_run_report(report: dict, out) -> None:
         print(f"  failed  {reason if reason.startswith(uri) else f'{uri}: {reason}'}")
     from pipelines import storage
 
-    print(f"report: {storage.join(out, 'runs', report['run_id'] + '.json')}; statistics: segpipe stats {out}")
+    if "report_error" in report:
+        print(f"report: not written ({report['report_error']}); statistics: segpipe stats {out}")
+    else:
+        print(f"report: {report.get('html') or storage.join(out, 'runs', report['run_id'] + '.json')}; "
+              f"statistics: segpipe stats {out}")
 
 
 def stats_command(args: argparse.Namespace) -> int:
@@ -232,6 +318,7 @@ def stats_command(args: argparse.Namespace) -> int:
         return 0
     filters = stats_query.Filters(tuple(args.classes), tuple(args.images), args.model, args.run_id, args.since, args.until)
     by = [b.strip() for b in args.by.split(",") if b.strip()]
+    stats_query.check_filters(con, filters, tuple(args.change) if args.change else None, by)
     if args.top is not None:
         if len(args.classes) != 1:
             raise InputError("--top", "name exactly one --class to rank the images by")
@@ -245,6 +332,40 @@ def stats_command(args: argparse.Namespace) -> int:
         result = stats_query.areas_by(con, by, filters)
         title = f"areas by {', '.join(by)} ({stats_root})"
     print_query_result(result, args.format, title=title)
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from flows.training_run import epoch_line, options_from_values, parse_option_values, train
+
+    given = {name: getattr(args, name) for name in TrainingOptions.model_fields if getattr(args, name, None) is not None}
+    for name in ("bands", "clip", "augment"):
+        if name in given:
+            given[name] = tuple(b.strip() for b in given[name].split(",") if b.strip() and b.strip() != "none")
+    if "architecture_options" in given:
+        given["architecture_options"] = parse_option_values(given["architecture_options"])
+    trained = train(args.images, args.labels, args.out, options_from_values(**given), resume=args.resume)
+    last = trained.history[-1]
+    if args.json:
+        print(json.dumps({"card": trained.card_path, "epochs": len(trained.history), "seconds": round(trained.seconds, 1),
+                          "validation": {k: v for k, v in last.items() if k != "confusion"}}))
+        return 0
+    print(f"card:    {trained.card_path}")
+    print(f"metrics: {trained.card_path.rsplit('/', 1)[0]}/metrics.json, metrics.parquet, metrics.png")
+    print(f"last {epoch_line(last, len(trained.history))}")
+    print(f"segment: segpipe segment IMAGE --model {trained.card_path} --out DIR")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from flows.report import print_evaluation
+    from pipelines.evaluation import evaluate, pairs_to_evaluate
+
+    pairs, notes = pairs_to_evaluate(args.prediction, args.reference)
+    for text in notes:
+        note(text)
+    agreements = [evaluate(prediction, reference, image=name) for name, prediction, reference in pairs]
+    print_evaluation(agreements, args.format, args.out)
     return 0
 
 
@@ -270,10 +391,9 @@ def models_list_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_command(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace, run_night) -> int:
     import pyarrow.compute as pc
 
-    from flows.archive_flow import segment_archive
     from flows.demo_scene import write_sentinel2_scene
     from flows.report import print_area_table
     from pipelines.stats import read_stats
@@ -284,11 +404,11 @@ def demo_command(args: argparse.Namespace) -> int:
         write_sentinel2_scene(scene)
         console.print(f"wrote the demo archive: {scene}")
     results = args.out / "results"
-    report = segment_archive(str(archive), "s2-cloud", str(results))
+    report = run_night(str(archive), DEMO_CARD, str(results))
     for name in report["done"]:
         print(f"segmented {name}: {results / name / 'labels.tif'}, {results / name / 'preview.png'}")
     for name in report["skipped"]:
-        print(f"skipped {name}: already done for s2-cloud ({results / name})")
+        print(f"skipped {name}: already done for {DEMO_CARD} ({results / name})")
     for uri, reason in report["failed"].items():
         print(f"failed {uri}: {reason}")
     stats = read_stats(results / "stats")

@@ -21,10 +21,12 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.types.entrypoint import EntrypointType
 from pydantic import ValidationError
 
-from flows.archive_flow import IMAGE_SUFFIXES, segment_archive
+from flows.archive_flow import segment_archive
+from flows.options import RunOptions, add_run_options, options_from_args
+from flows.run import prepare_run
 from pipelines import storage
 from pipelines.errors import InputError
-from pipelines.model_card import load_card
+from pipelines.sources import list_archive
 
 # Given as their own arguments; in `parameters` they would be said twice.
 REQUIRED_PARAMETERS = ("archive", "model", "out")
@@ -38,16 +40,17 @@ def serve_deployment(
     name: str = "nightly",
     parameters: dict | None = None,
     timezone: str | None = None,
+    options: RunOptions | None = None,
 ) -> None:
-    """Serve `segment-archive/<name>`: `archive` segmented with `model` into `out` at every
-    `cron` time (in `timezone`, an IANA name; default UTC). `parameters` are further flow
-    parameters (tile, batch, device, ...). Blocks until the process is stopped; the schedule
-    is paused when it stops."""
-    deployment_parameters = flow_parameters(archive, model, out, parameters)
+    """Serve `segment-archive/<name>`: `archive` segmented with `model` into `out` with `options`
+    (every option of `segpipe run`) at every `cron` time (in `timezone`, an IANA name; default
+    UTC). `parameters` are further flow parameters by name. Blocks until the process is
+    stopped; the schedule is paused when it stops."""
+    deployment_parameters = flow_parameters(archive, model, out, parameters, options)
     schedule = cron_schedule(cron, timezone)
     if not name or "/" in name:
         raise InputError(name, "a deployment name must be non-empty and contain no '/'")
-    images_now = len(storage.list_images(deployment_parameters["archive"], IMAGE_SUFFIXES))
+    images_now = len(list_archive(deployment_parameters["archive"]))
     api_url = require_prefect_server()
 
     full_name = f"{segment_archive.name}/{name}"
@@ -64,13 +67,22 @@ def serve_deployment(
     )
 
 
-def flow_parameters(archive: str, model: str, out: str, extra: dict | None = None) -> dict:
-    """The deployment's parameters, checked against the flow's signature; the card must load.
+def flow_parameters(archive: str, model: str, out: str, extra: dict | None = None,
+                    options: RunOptions | None = None) -> dict:
+    """The deployment's parameters, checked against the flow's signature; the card must load
+    and the options must resolve against it, as a run would check them.
 
-    Local paths are made absolute: the deployment outlives the shell it was started from."""
-    load_card(model)
+    Local paths are made absolute: the deployment outlives the shell it was started from.
+    Options left at their defaults are not written into the deployment."""
+    if options is not None and options.regions:
+        options = options.model_copy(update={"regions": absolute_if_local(options.regions)})
+    prepare_run(model, out, options)
     known = inspect.signature(segment_archive.fn).parameters
     extra = dict(extra or {})
+    if options is not None and options != RunOptions():
+        if "options" in extra:
+            raise InputError("options", "given both as run options and in parameters")
+        extra["options"] = options.model_dump(mode="json", exclude_defaults=True)
     for key in extra:
         if key in REQUIRED_PARAMETERS:
             raise InputError(key, "given both as an argument and in parameters")
@@ -124,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", required=True, help='when to run, e.g. "0 2 * * *" (02:00 every day)')
     parser.add_argument("--timezone", help="IANA timezone of the cron times (default UTC)")
     parser.add_argument("--name", default="nightly", help="deployment name (default nightly)")
+    add_run_options(parser, archive=True)
     args = parser.parse_args(argv)
     try:
-        serve_deployment(args.archive, args.model, args.out, args.cron, name=args.name, timezone=args.timezone)
+        serve_deployment(args.archive, args.model, args.out, args.cron, name=args.name, timezone=args.timezone,
+                         options=options_from_args(args))
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return 2

@@ -12,13 +12,18 @@ import json
 from pathlib import Path
 
 from pipelines import storage
+from pipelines.sources import source_identity
+
+
+def image_identity(uri: str) -> str:
+    """An image's URI as the manifest knows it: local paths made absolute."""
+    return storage.absolute(str(uri).rstrip("/"))
 
 
 def image_key(uri: str, card_digest: str, settings: dict) -> str:
     # mtime for local files, ETag for objects; a Zarr store (a folder) by its root metadata
     # document, so rewriting chunks without touching the metadata goes unnoticed.
-    size, version = storage.stat(f"{uri.rstrip('/')}/zarr.json" if uri.rstrip("/").endswith(".zarr") else uri)
-    identity = {"uri": uri if storage.is_remote(uri) else str(Path(uri).resolve()), "size": size, "version": version}
+    identity = source_identity(uri)
     payload = json.dumps({"image": identity, "model": card_digest, "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -74,8 +74,9 @@ def root_lock(root: str | Path, run_id: str) -> Iterator[None]:
     try:
         root.mkdir(parents=True, exist_ok=True)
         handle = open(root / LOCK_NAME, "a+")
-    except OSError as exc:
-        raise (storage_problem(root, exc) or exc) from exc
+    except OSError as exc:  # a file in its place, a parent that is a file or cannot hold folders
+        raise (storage_problem(root, exc) or InputError(
+            root, f"the output root cannot be made a folder ({exc.strerror}: {exc.filename or root})")) from exc
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,13 +4,12 @@
 - geographic CRS: a pixel's area shrinks towards the poles, so each image row gets its own
   geodesic area on the CRS's ellipsoid (pyproj.Geod), exact for north-up grids where every
   pixel of a row has the same shape;
-- no CRS: one pixel is one `px`, with a warning.
+- no CRS: one pixel is one `px` (the source's note says so: Source.notes).
 The worker that writes a block sums (class pixels in a row) x (that row's pixel area) over its rows.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,6 @@ def pixel_areas(crs_wkt: str | None, transform: tuple[float, ...], height: int) 
             return PixelAreas("m2", np.full(height, abs(a * e - b * d) * metres**2))
         if crs.is_geographic:
             return PixelAreas("m2", geodesic_row_areas(crs, transform, height))
-    warnings.warn("source has no CRS: areas are reported in pixels", stacklevel=2)
     return PixelAreas("px", np.ones(height))
 
 

@@ -12,32 +12,37 @@ import itertools
 
 import numpy as np
 
-from pipelines.tiling import Region, TileGrid
+from pipelines.tiling import Box, TileGrid
 
 FACTOR = 8
 
 
 def valid_pixels(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
-    """(band, *spatial) -> (*spatial) bool: a pixel is valid unless every band holds nodata."""
+    """(band, *spatial) -> (*spatial) bool: a pixel is valid unless every band holds nodata, or
+    any band holds a value that is not a finite number (NaN, infinity)."""
     if nodata is None:
-        return np.ones(pixels.shape[1:], dtype=bool)
-    if np.isnan(nodata):
-        return ~np.all(np.isnan(pixels), axis=0)
-    return ~np.all(pixels == nodata, axis=0)
+        valid = np.ones(pixels.shape[1:], dtype=bool)
+    elif np.isnan(nodata):
+        valid = ~np.all(np.isnan(pixels), axis=0)
+    else:
+        valid = ~np.all(pixels == nodata, axis=0)
+    if np.issubdtype(pixels.dtype, np.floating):
+        valid &= np.all(np.isfinite(pixels), axis=0)
+    return valid
 
 
 def mask_shape(shape: tuple[int, ...], factor: int = FACTOR) -> tuple[int, ...]:
     return tuple(-(-s // factor) for s in shape)
 
 
-def add_region_to_mask(mask: np.ndarray, region: Region, valid: np.ndarray, factor: int = FACTOR) -> None:
-    """OR the valid pixels of `region` into the low-resolution mask (cells may straddle regions)."""
-    lead = [s % factor for s in region.start]
-    cells = [-(-(lead_i + size) // factor) for lead_i, size in zip(lead, region.shape)]
+def add_box_to_mask(mask: np.ndarray, box: Box, valid: np.ndarray, factor: int = FACTOR) -> None:
+    """OR the valid pixels of `box` into the low-resolution mask (cells may straddle regions)."""
+    lead = [s % factor for s in box.start]
+    cells = [-(-(lead_i + size) // factor) for lead_i, size in zip(lead, box.shape)]
     padded = np.zeros([c * factor for c in cells], dtype=bool)
-    padded[tuple(slice(l, l + size) for l, size in zip(lead, region.shape))] = valid
+    padded[tuple(slice(l, l + size) for l, size in zip(lead, box.shape))] = valid
     reduced = padded.reshape([v for c in cells for v in (c, factor)]).any(axis=tuple(range(1, 2 * len(cells), 2)))
-    first = [s // factor for s in region.start]
+    first = [s // factor for s in box.start]
     mask[tuple(slice(f, f + c) for f, c in zip(first, cells))] |= reduced
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.tiling import Region
+from pipelines.tiling import Box
 
 
 def gaussian_weights(tile_shape: tuple[int, ...], sigma_fraction: float = 1.0 / 8) -> np.ndarray:
@@ -50,13 +50,13 @@ class BlockAccumulator:
     so both give the same sums.
     """
 
-    def __init__(self, block: Region, num_classes: int, weights):
+    def __init__(self, block: Box, num_classes: int, weights):
         self.block = block
         self.weights = weights
         self.sums = fp32_zeros_like(weights, (num_classes, *block.shape))
         self.weight_sums = fp32_zeros_like(weights, block.shape)
 
-    def add(self, tile: Region, probabilities) -> None:
+    def add(self, tile: Box, probabilities) -> None:
         """probabilities: (K, *tile.shape) fp32 for the tile at its global position."""
         overlap = tile.intersection(self.block)
         if overlap is None:
@@ -80,6 +80,11 @@ class BlockAccumulator:
             index.masked_fill_(sums[k] > best, k)
             best = best.maximum(sums[k])
         return index
+
+    def covered(self):
+        """Where at least one tile contributed: elsewhere (background whose tiles were skipped)
+        there is no prediction, and the pixels are nodata."""
+        return self.weight_sums > 0
 
     def probabilities(self):
         """The weighted mean probabilities; 0 where no tile contributed (skipped background)."""

@@ -11,4 +11,13 @@ class InputError(Exception):
     def __init__(self, path, reason: str):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{printable(self.path)}: {' '.join(str(reason).split())}")
+
+    def __reduce__(self):
+        # Rebuilt from (path, reason), so it crosses process boundaries (Ray workers) intact.
+        return type(self), (self.path, self.reason)
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters (a newline in a file name) written as escapes."""
+    return "".join(repr(c)[1:-1] if not c.isprintable() and c != " " else c for c in text)

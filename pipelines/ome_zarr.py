@@ -37,7 +37,7 @@ import numpy as np
 import zarr
 
 from pipelines.errors import InputError
-from pipelines.tiling import Region, block_partition
+from pipelines.tiling import Box, block_partition
 
 NGFF_VERSION = "0.5"
 AXIS_NAMES = {2: ("y", "x"), 3: ("z", "y", "x")}
@@ -159,9 +159,14 @@ def write_ome_zarr_image(
     name: str,
     pixel_size: Sequence[tuple[float, str]] | None = None,
     levels: int | None = None,
+    channel_names: Sequence[str | None] = (),
 ) -> None:
     """Write a (channel, *spatial) image (zarr array or numpy) as an NGFF multiscale image at
     `root`, so that labels written into it afterwards open together in a viewer.
+
+    The `omero` rendering metadata names the channels (`channel_names`) and gives each a colour
+    and a display window (the dtype's range for integers): channels named red, green and blue
+    render as an RGB picture (an H&E slide), others in grey.
 
     Level 0 is copied shard by shard; each coarser level is the 2x2(x2) mean of the one before
     (edge pixels repeated for odd sizes), built one shard at a time: memory does not grow with
@@ -186,20 +191,20 @@ def write_ome_zarr_image(
         )
 
     previous = create("0", shape)
-    for region in block_partition(spatial, previous.shards[1:]):
-        previous[(slice(None), *region.slices())] = np.asarray(image[(slice(None), *region.slices())])
+    for box in block_partition(spatial, previous.shards[1:]):
+        previous[(slice(None), *box.slices())] = np.asarray(image[(slice(None), *box.slices())])
     for level in range(1, levels):
         current = create(str(level), (shape[0], *(-(-s // 2) for s in previous.shape[1:])))
-        for region in block_partition(current.shape[1:], current.shards[1:]):
-            window = tuple(slice(2 * a, min(2 * b, s)) for a, b, s in zip(region.start, region.stop, previous.shape[1:]))
+        for box in block_partition(current.shape[1:], current.shards[1:]):
+            window = tuple(slice(2 * a, min(2 * b, s)) for a, b, s in zip(box.start, box.stop, previous.shape[1:]))
             block = np.asarray(previous[(slice(None), *window)], dtype=np.float32)
-            pads = [(0, 0)] + [(0, 2 * n - have) for n, have in zip(region.shape, block.shape[1:])]
+            pads = [(0, 0)] + [(0, 2 * n - have) for n, have in zip(box.shape, block.shape[1:])]
             block = np.pad(block, pads, mode="edge")
-            cells = block.reshape([shape[0]] + [v for n in region.shape for v in (n, 2)])
-            mean = cells.mean(axis=tuple(range(2, 2 + 2 * len(region.shape), 2)))
+            cells = block.reshape([shape[0]] + [v for n in box.shape for v in (n, 2)])
+            mean = cells.mean(axis=tuple(range(2, 2 + 2 * len(box.shape), 2)))
             if np.issubdtype(image.dtype, np.integer):
                 mean = np.rint(mean)
-            current[(slice(None), *region.slices())] = mean.astype(image.dtype)
+            current[(slice(None), *box.slices())] = mean.astype(image.dtype)
         previous = current
 
     factors = [2**level for level in range(levels)]
@@ -221,6 +226,27 @@ def write_ome_zarr_image(
             ],
             "type": "mean",
         }],
+        "omero": omero_rendering(shape[0], image.dtype, channel_names),
+    }
+
+
+CHANNEL_COLOURS = {"red": "FF0000", "green": "00FF00", "blue": "0000FF"}
+
+
+def omero_rendering(channels: int, dtype, names: Sequence[str | None]) -> dict:
+    """The `omero` block: per channel a label, a colour and a window."""
+    dtype = np.dtype(dtype)
+    low, high = (np.iinfo(dtype).min, np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else (0.0, 1.0)
+    names = list(names) + [None] * (channels - len(names))
+    colours = [CHANNEL_COLOURS.get((name or "").lower(), "FFFFFF") for name in names]
+    rgb = sorted(colours) == sorted(CHANNEL_COLOURS.values())
+    return {
+        "channels": [
+            {"label": name or f"channel {index}", "color": colour if rgb or channels == 1 else "FFFFFF",
+             "active": rgb or index == 0, "window": {"min": low, "max": high, "start": low, "end": high}}
+            for index, (name, colour) in enumerate(zip(names, colours))
+        ],
+        "rdefs": {"model": "color" if rgb else "greyscale", "defaultZ": 0, "defaultT": 0},
     }
 
 
@@ -256,22 +282,22 @@ def _create_level(group: zarr.Group, path: str, shape: tuple[int, ...], nodata_l
 
 def _copy_level_zero(labels, group: zarr.Group, nodata_label: int) -> zarr.Array:
     level = _create_level(group, "0", tuple(labels.shape), nodata_label)
-    for region in block_partition(level.shape, level.shards):
-        level[region.slices()] = np.asarray(labels[region.slices()])
+    for box in block_partition(level.shape, level.shards):
+        level[box.slices()] = np.asarray(labels[box.slices()])
     return level
 
 
 def _downsample_level(source: zarr.Array, group: zarr.Group, path: str, nodata_label: int) -> zarr.Array:
     """One shard of the new level at a time, each from its 2x window of the level before."""
     level = _create_level(group, path, tuple(-(-s // 2) for s in source.shape), nodata_label)
-    for region in block_partition(level.shape, level.shards):
-        window = Region(
-            tuple(2 * a for a in region.start),
-            tuple(min(2 * b, s) for b, s in zip(region.stop, source.shape)),
+    for box in block_partition(level.shape, level.shards):
+        window = Box(
+            tuple(2 * a for a in box.start),
+            tuple(min(2 * b, s) for b, s in zip(box.stop, source.shape)),
         )
-        block = np.full([2 * s for s in region.shape], nodata_label, dtype=np.uint8)
+        block = np.full([2 * s for s in box.shape], nodata_label, dtype=np.uint8)
         block[tuple(slice(0, s) for s in window.shape)] = source[window.slices()]
-        level[region.slices()] = mode_downsample(block, nodata_label)
+        level[box.slices()] = mode_downsample(block, nodata_label)
     return level
 
 

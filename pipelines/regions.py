@@ -31,9 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyogrio
-import pyogrio.errors
-import pyogrio.raw
 import pyproj
 import shapely
 from affine import Affine
@@ -79,6 +76,9 @@ def load_regions(path: str | Path, id_field: str | None = None, layer: str | Non
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
+    import pyogrio.errors
+    import pyogrio.raw
+
     layer = _single_layer(path, layer)
     try:
         info = pyogrio.read_info(path, layer=layer)
@@ -158,6 +158,8 @@ def region_class_counts(
 
 def _single_layer(path: Path, layer: str | None) -> str | None:
     """The layer to read: the one asked for, or the only one; a file of several needs a name."""
+    import pyogrio.errors
+
     try:
         names = [str(name) for name, _ in pyogrio.list_layers(path)]
     except pyogrio.errors.DataSourceError as err:

@@ -1,22 +1,28 @@
 """The statistics dataset: per-class counts and areas in Parquet, one folder per table, one
-partition per run date, one file per run.
+hive partition per run date, one file per run.
 
     <out>/stats/image_class/run_date=YYYY-MM-DD/<run_id>.parquet     per image x class
     <out>/stats/block_class/run_date=YYYY-MM-DD/<run_id>.parquet     per output block x class
     <out>/stats/region_class/run_date=YYYY-MM-DD/<run_id>.parquet    per region x class (with --regions)
-    <out>/stats/<table>/run_date=.../_pending/<run_id>/<image>.parquet   rows of images a run has finished
+    <out>/stats/_pending/<table>/run_date=.../<run_id>/<image>.parquet   rows of images a run has finished
     <out>/stats/_runs/<run_id>.json                                   the run's date, fixed at its first start
 
 An image's rows are written to `_pending/` when it finishes (one small file per image and
 table, so a crashed run keeps what it finished); `compact` folds a run's pending files into its
 one file per partition, replacing that run's earlier rows of the same images. A night never
-rewrites another night's file, and re-running a run id replaces only its own rows. Readers
-(`read_table`, the DuckDB views) see compacted rows plus pending ones, the pending rows of a
-(run, image) superseding compacted ones, so nothing is counted twice at any moment.
+rewrites another night's file, and re-running a run id replaces only its own rows. segpipe's own
+readers (`read_table`, the DuckDB views of `segpipe stats`) see compacted rows plus pending
+ones, the pending rows of a (run, image) superseding compacted ones, so nothing is counted twice
+at any moment. Pending rows live outside the table folders: a glob over a table (DuckDB's and
+polars' `**/*.parquet`) or a hive dataset (pandas, pyarrow, Spark) sees the compacted rows only,
+never a row twice.
 
-`run_date` is stored in the files as a column too (the folder names are for people and hive
-tools); every file carries its schema version in the Parquet key-value metadata. Schema changes
-are additive only: a new version adds columns, older files read with nulls in them.
+`run_date` is the hive partition key only, never a column inside the files (schema version 3),
+so pandas, pyarrow, polars, DuckDB and Spark all read the tables as one hive-partitioned dataset.
+Every file carries its schema version in the Parquet key-value metadata. Schema changes are
+additive only: a new version adds columns, older files read with nulls in them. `upgrade`
+rewrites a dataset of version 2 (run_date inside the files, pending rows inside the partitions)
+to this layout without losing a row; a run does it when it starts.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from pipelines import storage
 from pipelines.errors import InputError
 from pipelines.model_card import ClassInfo
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = b"segpipe.stats.schema_version"
+PARTITION_KEY = "run_date"
+PENDING = "_pending"
 
 _RUN_COLUMNS = [
     ("model", pa.string()),
@@ -223,7 +231,7 @@ def write_image_rows(stats_root: str | Path, run_id: str, run_date: dt.date, ima
     """Write one finished image's rows, a pending file per table; re-writing the same image in
     the same run replaces them."""
     for name, table in tables.items():
-        path = f"{_partition(stats_root, name, run_date)}/_pending/{run_id}/{image_id}.parquet"
+        path = f"{_pending_partition(stats_root, name, run_date)}/{run_id}/{image_id}.parquet"
         _write_parquet(path, table.cast(TABLES[name]))
 
 
@@ -234,13 +242,15 @@ def compact(stats_root: str | Path) -> int:
     only after, and folding the same pending file twice gives the same rows."""
     folded = 0
     for name in TABLES:
-        by_run: dict[str, list[str]] = {}
-        for path in _glob(f"{_root(stats_root)}/{name}/run_date=*/_pending/*/*.parquet"):
-            by_run.setdefault(path.rsplit("/", 1)[0], []).append(path)
-        for run_dir, pending in sorted(by_run.items()):
-            # <partition>/_pending/<run_id>: string operations, a URI's "//" must survive
-            partition, _, run_id = run_dir.rsplit("/", 2)
-            run_file = f"{partition}/{run_id}.parquet"
+        by_run: dict[tuple[str, str], list[str]] = {}
+        for path in table_files(stats_root, name)[1]:
+            run_dir, _ = path.rsplit("/", 1)
+            partition_name, run_id = run_dir.rsplit("/", 2)[-2:]
+            if partition_name == PENDING:  # version 2: <table>/run_date=.../_pending/<run_id>/
+                partition_name = run_dir.rsplit("/", 3)[-3]
+            by_run.setdefault((partition_name, run_id), []).append(path)
+        for (partition_name, run_id), pending in sorted(by_run.items()):
+            run_file = f"{_root(stats_root)}/{name}/{partition_name}/{run_id}.parquet"
             fresh = pa.concat_tables([_read_parquet(p, TABLES[name]) for p in sorted(pending)])
             if _exists(run_file):
                 earlier = _read_parquet(run_file, TABLES[name])
@@ -249,16 +259,50 @@ def compact(stats_root: str | Path) -> int:
             _write_parquet(run_file, fresh.sort_by([(key, "ascending") for key in SORT_KEYS[name]]))
             for path in pending:
                 _remove(path)
+            for path in pending:  # no empty folders left behind for readers to wade through
+                _remove_empty_folders(path.rsplit("/", 1)[0], stop=_root(stats_root))
             folded += len(pending)
     return folded
+
+
+def upgrade(stats_root: str | Path) -> int:
+    """Bring a dataset of an older schema version to this one, in place and without losing a
+    row: pending rows of version 2 are folded (into version-3 files), and every compacted file
+    that still holds `run_date` as a column is rewritten without it. Returns the files rewritten."""
+    rewritten = compact(stats_root)
+    for name in TABLES:
+        for path in table_files(stats_root, name)[0]:
+            if PARTITION_KEY in _file_columns(path):
+                _write_parquet(path, _read_parquet(path, TABLES[name]))
+                rewritten += 1
+    return rewritten
 
 
 # --- reading ---------------------------------------------------------------------------------
 
 def table_files(stats_root: str | Path, name: str) -> tuple[list[str], list[str]]:
-    """(compacted run files, pending image files) of one table, as URIs or local paths."""
-    base = f"{_root(stats_root)}/{name}"
-    return _glob(f"{base}/run_date=*/*.parquet"), _glob(f"{base}/run_date=*/_pending/*/*.parquet")
+    """(compacted run files, pending image files) of one table, as URIs or local paths: pending
+    files where this version writes them and where version 2 did. Found by listing folders,
+    never by globbing: a root may have glob characters in its name (root[1])."""
+    root = _root(stats_root)
+    compacted, pending = [], []
+    for base, in_partition in ((f"{root}/{name}", True), (f"{root}/{PENDING}/{name}", False)):
+        for partition in storage.list_names(base):
+            if not partition.startswith(f"{PARTITION_KEY}="):
+                continue
+            folder = f"{base}/{partition}"
+            if in_partition:
+                compacted += _parquet_files(folder)
+                folder = f"{folder}/{PENDING}"
+            for run_id in storage.list_names(folder):
+                pending += _parquet_files(f"{folder}/{run_id}")
+    return sorted(compacted), sorted(pending)
+
+
+def _parquet_files(folder: str) -> list[str]:
+    """The Parquet files directly in a folder (not the hidden ones a writer has in progress)."""
+    return [f"{folder}/{name}" for name in storage.list_names(folder)
+            if name.endswith(".parquet") and not name.startswith(".")]
 
 
 def read_table(stats_root: str | Path, name: str = "image_class") -> pa.Table:
@@ -294,14 +338,29 @@ def _root(stats_root: str | Path) -> str:
     return str(stats_root).rstrip("/")
 
 
-def _partition(stats_root: str | Path, name: str, run_date: dt.date) -> str:
-    return f"{_root(stats_root)}/{name}/run_date={run_date.isoformat()}"
+def _pending_partition(stats_root: str | Path, name: str, run_date: dt.date) -> str:
+    return f"{_root(stats_root)}/{PENDING}/{name}/{PARTITION_KEY}={run_date.isoformat()}"
 
 
-def _glob(pattern: str) -> list[str]:
-    fs, path = storage.filesystem(pattern)
-    found = fs.glob(path)
-    return sorted(fs.unstrip_protocol(p) if storage.is_remote(pattern) else p for p in found)
+def run_date_of(path: str) -> dt.date | None:
+    """The run date a file's partition folder names."""
+    for part in reversed(path.split("/")):
+        if part.startswith(f"{PARTITION_KEY}="):
+            return dt.date.fromisoformat(part.split("=", 1)[1])
+    return None
+
+
+def _remove_empty_folders(folder: str, stop: str) -> None:
+    """Remove `folder` and then its parents while they are empty, up to (not including) `stop`."""
+    while folder != stop and folder.startswith(stop) and not storage.list_names(folder):
+        storage.remove_tree(folder)
+        folder = folder.rsplit("/", 1)[0]
+
+
+def _file_columns(path: str) -> list[str]:
+    fs, local = storage.filesystem(path)
+    with fs.open(local, "rb") as handle:
+        return pq.read_schema(handle).names
 
 
 def _exists(path: str) -> bool:
@@ -310,21 +369,26 @@ def _exists(path: str) -> bool:
 
 
 def _remove(path: str) -> None:
-    fs, local = storage.filesystem(path)
-    fs.rm(local)
+    storage.remove(path)
 
 
 def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
+    """A file's rows in the table's full schema: run_date from its partition folder (files of
+    version 2 also hold it as a column), the columns of newer versions as nulls."""
     fs, local = storage.filesystem(path)
     with fs.open(local, "rb") as handle:
         table = pq.read_table(handle)
-    # Files of an older schema version lack the newer columns: they read as nulls.
+    if PARTITION_KEY not in table.column_names:
+        table = table.append_column(PARTITION_KEY, pa.array([run_date_of(path)] * table.num_rows, pa.date32()))
     columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
                for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _write_parquet(path: str, table: pa.Table) -> None:
+    """The rows without run_date, which only the partition folder holds."""
+    if PARTITION_KEY in table.column_names:
+        table = table.drop_columns([PARTITION_KEY])
     table = table.replace_schema_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")

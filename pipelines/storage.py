@@ -107,32 +107,44 @@ def stat(uri: str | Path) -> tuple[int, str]:
 GLOB_CHARACTERS = ("*", "?", "[")
 
 
-def list_images(uri_prefix: str | Path, suffixes: Iterable[str]) -> list[str]:
+def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes: Iterable[str] = ()) -> list[str]:
     """Files directly in a folder / under a prefix whose names end in one of `suffixes`
-    (case-insensitive, e.g. (".tif", ".tiff")), sorted. Not recursive. A glob pattern
+    (case-insensitive, e.g. (".tif", ".tiff")), and folders whose names end in one of
+    `folder_suffixes` (stores such as ".zarr"), sorted. Not recursive. A glob pattern
     (`archive/2026-*/*.tif`, `s3://bucket/scenes/*_B04.tif`, `**` for any depth) lists the
-    files it matches instead, whatever their suffix.
+    files it matches instead, whatever their suffix; a folder that exists under a name with
+    glob characters (`scenes[1]`) is a folder.
 
     Remote entries come back as full URIs (s3://bucket/key); local ones as paths under the
     folder as it was given.
     """
     uri_prefix = str(uri_prefix)
-    if any(character in uri_prefix for character in GLOB_CHARACTERS):
+    if any(character in uri_prefix for character in GLOB_CHARACTERS) and not _is_folder(uri_prefix):
         return _glob_files(uri_prefix)
-    endings = tuple(suffix.lower() for suffix in suffixes)
+    endings = {"file": tuple(s.lower() for s in suffixes), "directory": tuple(s.lower() for s in folder_suffixes)}
     if not is_remote(uri_prefix):
         folder = _local_path(uri_prefix)
         if not folder.is_dir():
             raise InputError(uri_prefix, "no such folder")
-        return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(endings))
+        return sorted(str(p) for p in folder.iterdir()
+                      if p.name.lower().endswith(endings["file" if p.is_file() else "directory"]))
     with _input_errors(uri_prefix):
         fs, path = filesystem(uri_prefix)
         entries = fs.ls(path.rstrip("/"), detail=True)
     return sorted(
-        fs.unstrip_protocol(entry["name"])
+        fs.unstrip_protocol(entry["name"].rstrip("/"))
         for entry in entries
-        if entry["type"] == "file" and entry["name"].lower().endswith(endings)
+        if entry["name"].rstrip("/").lower().endswith(endings.get(entry["type"], ()))
     )
+
+
+def _is_folder(uri: str) -> bool:
+    """A folder or prefix that exists by that very name: a path such as `scenes[1]` is taken as
+    it is, not as a glob pattern."""
+    if not is_remote(uri):
+        return _local_path(uri).is_dir()
+    fs, path = filesystem(uri)
+    return fs.isdir(path.rstrip("/"))
 
 
 def _glob_files(pattern: str) -> list[str]:
@@ -196,6 +208,27 @@ def put_tree(local_dir: str | Path, uri: str | Path) -> list[str]:
     return [f"{base}/{name}" for name in relative]
 
 
+def publish_folder(staged: Path, target: str, previous: str) -> None:
+    """Make a finished local folder the folder `target`, replacing what was there.
+
+    Locally the new folder replaces the old in renames: a reader sees one or the other, whole
+    (the old one passes through `previous`, on the same file system). On object storage, which
+    has no rename, the new files are uploaded over the old, then the old ones the new folder
+    lacks are removed."""
+    if is_remote(target):
+        put_tree(staged, target)
+        kept = set(list_files(staged))
+        for name in list_files(target):
+            if name not in kept:
+                remove(join(target, name))
+        return
+    output_dir, previous = _local_path(target), _local_path(previous)
+    if output_dir.exists():
+        output_dir.replace(previous)
+    staged.replace(output_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def write_whole(uri: str | Path, data: bytes) -> None:
     """Write a whole file: locally through a hidden temporary name and a rename, on object
     storage in one PUT; either way no reader ever sees half a file, whenever the writer dies."""
@@ -208,6 +241,12 @@ def write_whole(uri: str | Path, data: bytes) -> None:
     partial = target.with_name(f".{target.name}.partial")
     partial.write_bytes(data)
     partial.replace(target)
+
+
+def absolute(uri: str | Path) -> str:
+    """A local path made absolute (what a report or record read from elsewhere can follow); a
+    URI as it is."""
+    return str(uri) if is_remote(uri) else str(Path(uri).resolve())
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -284,7 +323,11 @@ def remove_tree(uri: str | Path) -> None:
         shutil.rmtree(_local_path(str(uri)), ignore_errors=True)
         return
     fs, path = filesystem(uri)
-    if fs.find(path.rstrip("/")):
+    found = fs.find(path.rstrip("/"))
+    if any(character in path for character in GLOB_CHARACTERS):
+        for name in found:  # fs.rm would take the name as a glob pattern
+            fs.rm_file(name)
+    elif found:
         fs.rm(path.rstrip("/"), recursive=True)
 
 

@@ -26,7 +26,7 @@ def axis_origins(size: int, tile: int, overlap: float) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class Region:
+class Box:
     """A half-open box [start, stop) per spatial axis."""
 
     start: tuple[int, ...]
@@ -39,18 +39,18 @@ class Region:
     def slices(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
 
-    def intersection(self, other: Region) -> Region | None:
+    def intersection(self, other: Box) -> Box | None:
         start = tuple(max(a, b) for a, b in zip(self.start, other.start))
         stop = tuple(min(a, b) for a, b in zip(self.stop, other.stop))
         if any(a >= b for a, b in zip(start, stop)):
             return None
-        return Region(start, stop)
+        return Box(start, stop)
 
     def relative_to(self, origin: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(a - o, b - o) for a, b, o in zip(self.start, self.stop, origin))
 
-    def grown(self, margin: int) -> Region:
-        return Region(tuple(a - margin for a in self.start), tuple(b + margin for b in self.stop))
+    def grown(self, margin: int) -> Box:
+        return Box(tuple(a - margin for a in self.start), tuple(b + margin for b in self.stop))
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,13 @@ class TileGrid:
     def origins(self) -> tuple[tuple[int, ...], ...]:
         return tuple(axis_origins(size, self.tile_size, self.overlap) for size in self.shape)
 
-    def tile(self, origin: tuple[int, ...]) -> Region:
-        return Region(origin, tuple(o + self.tile_size for o in origin))
+    def tile(self, origin: tuple[int, ...]) -> Box:
+        return Box(origin, tuple(o + self.tile_size for o in origin))
 
     def __len__(self) -> int:
         return math.prod(len(o) for o in self.origins)
 
-    def tiles_touching(self, block: Region) -> list[Region]:
+    def tiles_touching(self, block: Box) -> list[Box]:
         """Every tile of the grid that overlaps the block, in the grid's global raster order."""
         per_axis = [
             [o for o in origins if o < stop and o + self.tile_size > start]
@@ -78,10 +78,10 @@ class TileGrid:
         return [self.tile(origin) for origin in itertools.product(*per_axis)]
 
 
-def block_partition(shape: tuple[int, ...], block_shape: tuple[int, ...]) -> list[Region]:
+def block_partition(shape: tuple[int, ...], block_shape: tuple[int, ...]) -> list[Box]:
     """Cut the image into blocks of block_shape (aligned to the output shards), clipped at the edges."""
     ranges = [range(0, size, step) for size, step in zip(shape, block_shape)]
     return [
-        Region(start, tuple(min(s + b, size) for s, b, size in zip(start, block_shape, shape)))
+        Box(start, tuple(min(s + b, size) for s, b, size in zip(start, block_shape, shape)))
         for start in itertools.product(*ranges)
     ]

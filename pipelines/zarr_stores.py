@@ -15,73 +15,87 @@ import dask
 import numpy as np
 import zarr
 
-from pipelines.background import add_region_to_mask, mask_shape, valid_pixels
-from pipelines.sources import SourceInfo, read_source_region
-from pipelines.tiling import Region, block_partition
+from pipelines.background import add_box_to_mask, mask_shape, valid_pixels
+from pipelines.sources import Source
+from pipelines.tiling import Box, block_partition
 
 NODATA_LABEL = 255
 SPATIAL_NAMES = {2: ("y", "x"), 3: ("z", "y", "x")}
 
 
 def ingest_source(
-    info: SourceInfo,
+    source: Source,
     bands: tuple[int, ...],
-    store_path: Path,
+    store_path: str,
     chunk: int,
-    shard: int,
-    on_shard_done: Callable[[Region], None] = lambda region: None,
+    block: int,
+    on_block_done: Callable[[Box], None] = lambda box: None,
     max_threads: int = 4,
     done: frozenset[tuple[int, ...]] = frozenset(),
+    nodata: float | None = None,
 ) -> np.ndarray:
-    """Copy the selected bands of a source into a sharded Zarr v3 array (band, *spatial).
+    """Copy the selected bands of a source into a sharded Zarr v3 array (band, *spatial), one
+    block (= one shard) at a time.
 
-    Dask copies one shard per task, each reading its own region of the source, so memory is
-    bounded by (threads x shard) and every shard has one writer. `on_shard_done(region)` is
-    called after each shard is written. Resuming, `done` holds the start of every shard
+    Dask copies one block per task, each reading its own box of the source, so memory is
+    bounded by (threads x block) and every shard has one writer. `on_block_done(box)` is
+    called after each block is written. Resuming, `done` holds the start of every block
     already copied into the existing store: those are read back from it for the mask instead
-    of from the source. Returns the low-resolution mask of valid pixels
-    (pipelines.background) gathered on the way.
+    of from the source. `nodata` marks pixels without data (default: the source's own). Returns
+    the low-resolution mask of valid pixels (pipelines.background) gathered on the way.
     """
-    dims = len(info.shape)
-    attributes = {"source": info.uri, "kind": info.kind, "bands": list(bands), "nodata": info.nodata}
-    if info.kind == "scene":
-        attributes.update(crs_wkt=info.detail.crs_wkt, transform=list(info.detail.transform))
+    nodata = source.nodata if nodata is None else nodata
+    dims = len(source.shape)
+    attributes = {"source": source.uri, "kind": source.kind, "bands": list(bands), "nodata": nodata}
+    if source.crs_wkt:
+        attributes.update(crs_wkt=source.crs_wkt, transform=list(source.transform))
     if done:
         image = zarr.open_array(str(store_path), mode="r+")
     else:
         image = zarr.create_array(
             store=str(store_path),
-            shape=(len(bands), *info.shape),
-            dtype=info.dtype,
+            shape=(len(bands), *source.shape),
+            dtype=source.dtype,
             chunks=(len(bands), *(chunk,) * dims),
-            shards=(len(bands), *(shard,) * dims),
-            fill_value=0,
+            shards=(len(bands), *(block,) * dims),
+            fill_value=store_fill_value(nodata, source.dtype),
             dimension_names=("band", *SPATIAL_NAMES[dims]),
             attributes=attributes,
             overwrite=True,
         )
 
-    mask = np.zeros(mask_shape(info.shape), dtype=bool)
+    mask = np.zeros(mask_shape(source.shape), dtype=bool)
     mask_lock = threading.Lock()
 
-    def copy_shard(region: Region) -> None:
-        if region.start in done:
-            pixels = image[(slice(None), *region.slices())]
+    def copy_block(box: Box) -> None:
+        if not source.holds_data(box):  # nothing stored there: the store's fill value is nodata
+            on_block_done(box)
+            return
+        if box.start in done:
+            pixels = image[(slice(None), *box.slices())]
         else:
-            pixels = read_source_region(info, bands, region)
-            image[(slice(None), *region.slices())] = pixels
-        valid = valid_pixels(pixels, info.nodata)
-        with mask_lock:  # low-resolution cells can straddle two shards
-            add_region_to_mask(mask, region, valid)
-        on_shard_done(region)
+            pixels = source.read(bands, box)
+            image[(slice(None), *box.slices())] = pixels
+        valid = valid_pixels(pixels, nodata)
+        with mask_lock:  # low-resolution cells can straddle two blocks
+            add_box_to_mask(mask, box, valid)
+        on_block_done(box)
 
-    shards = block_partition(info.shape, (shard,) * dims)
-    dask.compute(*[dask.delayed(copy_shard)(region) for region in shards], scheduler="threads", num_workers=max_threads)
+    blocks = block_partition(source.shape, (block,) * dims)
+    dask.compute(*[dask.delayed(copy_block)(box) for box in blocks], scheduler="threads", num_workers=max_threads)
     return mask
 
 
-def shard_regions(store_path: Path) -> list[Region]:
-    """The label array's shards: the output blocks."""
+def store_fill_value(nodata: float | None, dtype: str) -> float:
+    """What blocks never written read as: the source's nodata where the dtype can hold it."""
+    if nodata is not None and (np.isnan(nodata) if np.issubdtype(np.dtype(dtype), np.floating)
+                               else np.can_cast(np.min_scalar_type(nodata), dtype) and float(nodata).is_integer()):
+        return nodata
+    return 0
+
+
+def store_blocks(store_path: str | Path) -> list[Box]:
+    """The output blocks of a label array: its shards."""
     array = zarr.open_array(str(store_path), mode="r")
     return block_partition(array.shape, array.shards)
 
@@ -118,17 +132,17 @@ def create_probability_store(
     )
 
 
-def read_padded(image: zarr.Array, region: Region, bands: tuple[int, ...] | None = None) -> np.ndarray:
-    """Read (band, *region) from the image (all bands, or the 0-based `bands`); parts outside the
+def read_padded(image: zarr.Array, box: Box, bands: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read (band, *box) from the image (all bands, or the 0-based `bands`); parts outside the
     image are mirrored from inside.
 
     The mirror is about the image edge, so the same tile reads the same values whichever
     block asks for it.
     """
     spatial = image.shape[1:]
-    inside = region.intersection(Region((0,) * len(spatial), spatial))
+    inside = box.intersection(Box((0,) * len(spatial), spatial))
     data = image[(list(bands) if bands is not None else slice(None), *inside.slices())]
-    pads = [(0, 0)] + [(a - r0, r1 - b) for a, b, r0, r1 in zip(inside.start, inside.stop, region.start, region.stop)]
+    pads = [(0, 0)] + [(a - r0, r1 - b) for a, b, r0, r1 in zip(inside.start, inside.stop, box.start, box.stop)]
     if any(p != (0, 0) for p in pads):
         data = np.pad(data, pads, mode="reflect" if min(inside.shape) > 1 else "edge")
     return data

@@ -16,42 +16,33 @@ from typing import Callable
 import ray
 
 from pipelines.model_card import ModelCard
+from segworkers.cluster import STORAGE_ENVIRONMENT, ensure_ray, worker_error
+from segworkers.local_pool import GROUP_BATCHES, block_groups
 from segworkers.predictor import BlockJob, BlockPredictor, BlockResult
 
 BLOCKS_IN_FLIGHT_PER_ACTOR = 2
-# Object-storage settings the driver runs with; actors get the same so they can read s3:// stores.
-STORAGE_ENVIRONMENT = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-)
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` (host:port of its head, "auto", or ray://host:10001 for a
-    Ray Client), else the one named by RAY_ADDRESS, else start a local one, on first use.
-
-    With token authentication on (RAY_AUTH_MODE=token), the token comes from RAY_AUTH_TOKEN or
-    the file named by RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token), as for any Ray driver."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
 
 
 @ray.remote(max_concurrency=BLOCKS_IN_FLIGHT_PER_ACTOR)
 class SegmentationActor:
-    """A threaded actor: each block in flight runs on its own thread (BlockPredictor is thread-safe)."""
+    """A threaded actor: each group of blocks in flight runs on its own thread (BlockPredictor is
+    thread-safe)."""
 
-    def __init__(self, card: ModelCard, device: str, batch_size: int, threads: int):
-        self.predictor = BlockPredictor(card, device=device, batch_size=batch_size, threads=threads)
+    def __init__(self, card: ModelCard, device: str, batch_size: int, threads: int,
+                 environment: dict[str, str] | None = None):
+        os.environ.update(environment or {})
+        self.load_error: Exception | None = None
+        try:
+            self.predictor = BlockPredictor(card, device=device, batch_size=batch_size, threads=threads)
+        except Exception as exc:  # noqa: BLE001 - given back with each block, where the driver can read it
+            self.load_error = exc
 
-    def segment(self, job: BlockJob) -> BlockResult:
-        result = self.predictor.segment(job)
-        return dataclasses.replace(result, node=ray.get_runtime_context().get_node_id())
+    def segment(self, jobs: list[BlockJob]) -> list[BlockResult]:
+        """A group of blocks, their tiles in shared batches (BlockPredictor.segment_group)."""
+        if self.load_error is not None:
+            raise self.load_error
+        node = ray.get_runtime_context().get_node_id()
+        return [dataclasses.replace(result, node=node) for result in self.predictor.segment_group(jobs)]
 
 
 def actor_plan(device: str, workers: int | None, threads: int) -> tuple[int, dict]:
@@ -88,19 +79,21 @@ class ActorPool:
     def __init__(self, card: ModelCard, device: str = "cpu", batch_size: int = 4, workers: int | None = None,
                  threads: int = 2, max_actors: int | None = None, restarts: int = 3):
         ensure_ray()
+        self.settings = self.settings_of(card, device, batch_size, workers, threads, max_actors, restarts)
         count, resources = actor_plan(device, workers, threads)
         if max_actors:
             count = min(count, max_actors)
         if device == "cpu":
             threads = max(1, int(resources["num_cpus"]))
-        env_vars = {name: os.environ[name] for name in STORAGE_ENVIRONMENT if name in os.environ}
-        if env_vars:
-            resources = {**resources, "runtime_env": {"env_vars": env_vars}}
+        environment = {name: os.environ[name] for name in STORAGE_ENVIRONMENT if name in os.environ}
         self.actors = [
             SegmentationActor.options(**resources, max_restarts=restarts, max_task_retries=restarts).remote(
-                card, device, batch_size, threads)
+                card, device, batch_size, threads, environment)
             for _ in range(count)
         ]
+        # Small blocks (chips, slide regions) are sent in groups of about this many tiles: a
+        # call per block would pay Ray's round trip and a part-empty last batch each time.
+        self.group_tiles = GROUP_BATCHES * batch_size
         self.slots: queue.Queue = queue.Queue()
         for _ in range(BLOCKS_IN_FLIGHT_PER_ACTOR):
             for actor in self.actors:
@@ -109,10 +102,11 @@ class ActorPool:
     def run(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None] = lambda i, r: None
             ) -> list[BlockResult]:
         """Run the jobs on the pool's actors; results in job order. `on_block_done(index, result)`
-        is called as each block finishes."""
+        is called as each block finishes. Small blocks go in groups (block_groups), whose tiles
+        the actor runs in shared batches."""
         results: dict[int, BlockResult] = {}
-        in_flight: dict[ray.ObjectRef, tuple[int, object]] = {}
-        waiting = list(enumerate(jobs))
+        in_flight: dict[ray.ObjectRef, tuple[list[int], object]] = {}
+        waiting = block_groups(jobs, self.group_tiles)
         waiting.reverse()
         try:
             while waiting or in_flight:
@@ -121,16 +115,21 @@ class ActorPool:
                         actor = self.slots.get(block=not in_flight, timeout=None if not in_flight else 0)
                     except queue.Empty:
                         break
-                    index, job = waiting.pop()
-                    in_flight[actor.segment.remote(job)] = (index, actor)
+                    indexes = waiting.pop()
+                    in_flight[actor.segment.remote([jobs[i] for i in indexes])] = (indexes, actor)
                 if not in_flight:
                     continue
                 done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
                 for ref in done:
-                    index, actor = in_flight.pop(ref)
+                    indexes, actor = in_flight.pop(ref)
                     self.slots.put(actor)
-                    results[index] = ray.get(ref)
-                    on_block_done(index, results[index])
+                    try:
+                        group = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        raise worker_error(exc) from None
+                    for index, result in zip(indexes, group):
+                        results[index] = result
+                        on_block_done(index, result)
         finally:
             for ref, (_, actor) in in_flight.items():  # an error: give the other slots back
                 ray.cancel(ref, force=False)
@@ -147,6 +146,34 @@ class ActorPool:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @classmethod
+    def prestart(cls, *settings) -> None:
+        """Start a pool now (its actors load the model in the background) for a `take` of the
+        same settings to come: a command starts its actors while the flow itself starts."""
+        cls.discard_prestarted()
+        _prestarted.append(cls(*settings))
+
+    @classmethod
+    def take(cls, *settings) -> "ActorPool":
+        """The prestarted pool of these settings, else a new one."""
+        if _prestarted and _prestarted[0].settings == cls.settings_of(*settings):
+            return _prestarted.pop()
+        cls.discard_prestarted()
+        return cls(*settings)
+
+    @classmethod
+    def discard_prestarted(cls) -> None:
+        while _prestarted:
+            _prestarted.pop().close()
+
+    @staticmethod
+    def settings_of(card: ModelCard, device: str = "cpu", batch_size: int = 4, workers: int | None = None,
+                    threads: int = 2, max_actors: int | None = None, restarts: int = 3) -> tuple:
+        return card, device, batch_size, workers, threads, max_actors, restarts
+
+
+_prestarted: list[ActorPool] = []
+
 
 def segment_blocks(
     card: ModelCard,
@@ -156,12 +183,9 @@ def segment_blocks(
     workers: int | None = None,
     threads: int = 2,
     on_block_done: Callable[[int, BlockResult], None] = lambda index, result: None,
-    pool: ActorPool | None = None,
 ) -> list[BlockResult]:
-    """Run every block job on a pool of actors (the given one, or one made for these jobs) and
-    return the results in job order."""
-    if pool is not None:
-        return pool.run(jobs, on_block_done)
+    """Run every block job on a pool of actors made for these jobs and return the results in
+    job order."""
     if not jobs:
         return []
     with ActorPool(card, device, batch_size, workers, threads, max_actors=len(jobs)) as own_pool:

@@ -35,11 +35,12 @@ def to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
 
 def valid_pixels(values: torch.Tensor, nodata: float | None) -> torch.Tensor:
     """(band, *spatial) -> (*spatial) bool: pipelines.background.valid_pixels on the device."""
+    finite = values.isfinite().all(0)
     if nodata is None:
-        return torch.ones(values.shape[1:], dtype=torch.bool, device=values.device)
+        return finite
     if math.isnan(nodata):
-        return ~values.isnan().all(0)
-    return ~(values == nodata).all(0)
+        return ~values.isnan().all(0) & finite
+    return ~(values == nodata).all(0) & finite
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:

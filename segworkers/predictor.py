@@ -12,6 +12,7 @@ same over (H, W) and (D, H, W), on a GPU or the CPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 import threading
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ import torch
 import zarr
 
 from pipelines.blending import BlockAccumulator, quantise_probabilities, tile_weights
-from pipelines.model_card import ModelCard
-from pipelines.tiling import Region
+from pipelines.errors import InputError
+from pipelines.model_card import CRF_PARAMETERS, ModelCard
+from pipelines.tiling import Box
 from pipelines.zarr_stores import NODATA_LABEL, read_padded
 from segworkers.crf import dense_crf
 from segworkers.device_blocks import (
@@ -37,15 +39,14 @@ from segworkers.device_blocks import (
 from segworkers.tile_models import load_tile_model
 
 logger = logging.getLogger(__name__)
-CRF_PARAMETERS = ("iterations", "w_appearance", "theta_alpha", "theta_beta", "w_smoothness", "theta_gamma")
 
 
 @dataclass(frozen=True)
 class BlockJob:
     image_store: str
     label_store: str
-    block: Region
-    tiles: tuple[Region, ...]
+    block: Box
+    tiles: tuple[Box, ...]
     """The grid's tiles that touch the block (grown by the card's block_margin) and hold data, in global grid order."""
     tile_size: int
     blending: str = "gaussian"
@@ -56,11 +57,16 @@ class BlockJob:
     row_areas: np.ndarray | None = None
     """Area of one pixel (voxel) in each row (slice, in 3D) of the block along its first axis;
     None when areas are not wanted."""
+    image_is_source: bool = False
+    """The image store is the user's own (a Zarr source read in place): what cannot be read from
+    it is bad input."""
+    nodata: float | None = None
+    """The value of pixels without data in every band; None: the image store's `nodata` attribute."""
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    block: Region
+    block: Box
     class_counts: np.ndarray
     """Pixels per class among the block's valid pixels, counted from the labels written."""
     tiles_run: int
@@ -68,6 +74,26 @@ class BlockResult:
     """Area per class from the same labels and the job's row_areas."""
     node: str = ""
     """The Ray node that segmented the block (set by the actor; not part of any output)."""
+
+
+@dataclass
+class BlockWork:
+    """One block on its way through the predictor."""
+
+    job: BlockJob
+    context: Box
+    """What is read: the block with its margin and its tiles with their halo."""
+    accumulated: Box
+    """Where probabilities are summed: the block with the post-processing margin."""
+    pixels: np.ndarray
+    """The raw context pixels (host)."""
+    nodata: float | None
+    valid: object = None
+    inputs: object = None
+    accumulator: BlockAccumulator | None = None
+    labels: np.ndarray | None = None
+    row_counts: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
 
 
 class BlockPredictor:
@@ -95,79 +121,139 @@ class BlockPredictor:
             torch.cuda.synchronize(self.device)
 
     def segment(self, job: BlockJob) -> BlockResult:
-        """Segment one block. When the GPU runs out of memory, halve the batch and redo the
-        block (never the image); the smaller batch is kept for the blocks that follow."""
+        return self.segment_group([job])[0]
+
+    def segment_group(self, jobs: list[BlockJob]) -> list[BlockResult]:
+        """Segment blocks (of one image or several): their tiles share fixed-size batches, so a
+        small block's last batch is filled with the next block's tiles, not with repeats. When
+        the GPU runs out of memory, halve the batch and redo the group (never the image); the
+        smaller batch is kept for the blocks that follow."""
         while True:
             batch_size = self.batch_size
             try:
-                return self.segment_block(job, batch_size)
+                return self.segment_blocks(jobs, batch_size)
             except torch.cuda.OutOfMemoryError:
                 with self.batch_size_lock:
                     if batch_size == 1:
                         raise
                     if self.batch_size == batch_size:  # a block running beside this one may have halved it already
                         self.batch_size = batch_size // 2
-                        logger.warning("out of GPU memory in block %s: batch size now %d", job.block.start, self.batch_size)
+                        logger.warning("out of GPU memory in block %s: batch size now %d", jobs[0].block.start,
+                                       self.batch_size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
-    def segment_block(self, job: BlockJob, batch_size: int) -> BlockResult:
+    def segment_blocks(self, jobs: list[BlockJob], batch_size: int) -> list[BlockResult]:
+        blocks = [self.read_block(job) for job in jobs]
+        with self.compute_lock, self.streams.current():
+            for block in blocks:
+                self.normalise(block)
+            self.accumulate(blocks, batch_size)
+            for block in blocks:
+                self.take_labels(block)
+        return [self.write_block(block) for block in blocks]
+
+    def read_block(self, job: BlockJob) -> BlockWork:
+        """The block's context (the block with its margin, and every tile with its halo) read
+        from the image store."""
         image = zarr.open_array(job.image_store, mode="r")
         halo = self.model.halo
         dims = len(job.block.start)
         tiles = job.tiles
         # Post-processing sees the block's probabilities with a margin (clipped to the image).
-        accumulated = job.block.grown(self.card.block_margin).intersection(Region((0,) * dims, image.shape[1:]))
-        context = Region(
+        accumulated = job.block.grown(self.card.block_margin).intersection(Box((0,) * dims, image.shape[1:]))
+        context = Box(
             tuple(min([t.start[i] - halo for t in tiles] + [accumulated.start[i]]) for i in range(dims)),
             tuple(max([t.stop[i] + halo for t in tiles] + [accumulated.stop[i]]) for i in range(dims)),
         )
-        pixels = read_padded(image, context, job.bands)
-        in_block = job.block.relative_to(accumulated.start)
-        with self.compute_lock, self.streams.current():
-            values = to_device(pixels, self.device).float()
-            valid = valid_pixels(values[(slice(None), *job.block.relative_to(context.start))], image.attrs.get("nodata"))
-            inputs = values.mul_(self.scale).sub_(self.offset).div_(self.divisor)
-            accumulator = self.accumulate(inputs, context, accumulated, job, batch_size)
-            if self.card.postprocess:
-                probabilities, valid = to_host(accumulator.probabilities(), valid)
-            else:
-                labels, row_counts = label_statistics(accumulator.labels()[in_block], valid, self.card.num_classes, NODATA_LABEL)
-                wanted = accumulator.probabilities()[(slice(None), *in_block)] if job.probability_store else None
-                labels, row_counts, probabilities = to_host(labels, row_counts, wanted)
-        if self.card.postprocess:
-            probabilities = self.crf(probabilities, pixels[(slice(None), *accumulated.relative_to(context.start))])
-            labels, row_counts = label_statistics(
-                torch.from_numpy(probabilities.argmax(axis=0)[in_block]), torch.from_numpy(valid), self.card.num_classes, NODATA_LABEL)
-            labels, row_counts = labels.numpy(), row_counts.numpy()
-            probabilities = probabilities[(slice(None), *in_block)]
+        nodata = image.attrs.get("nodata") if job.nodata is None else job.nodata
+        return BlockWork(job, context, accumulated, self.read_context(image, context, job), nodata)
 
+    def normalise(self, block: BlockWork) -> None:
+        """On the device: the valid pixels of the block, and the normalised inputs of its context."""
+        job = block.job
+        values = to_device(block.pixels, self.device).float()
+        block.valid = valid_pixels(values[(slice(None), *job.block.relative_to(block.context.start))], block.nodata)
+        # A pixel without data (the nodata value in every band) reaches the model as the bands'
+        # means (0 once normalised), not as the value that marks it: a zero border would
+        # otherwise read as dark ground and sway the labels near it.
+        declared = None if block.nodata is None or math.isnan(block.nodata) else (values == block.nodata).all(0)
+        values = values.mul_(self.scale)
+        if self.card.clip:
+            values = values.clamp_(*self.card.clip)
+        inputs = values.sub_(self.offset).div_(self.divisor)
+        # A value that is no finite number (NaN, inf) is nodata for its pixel, and reaches the
+        # model as the normalised mean (0): one NaN would otherwise spread through a whole tile.
+        keep = inputs.isfinite() if declared is None else inputs.isfinite() & ~declared
+        block.inputs = torch.where(keep, inputs, 0.0)
+        block.accumulator = BlockAccumulator(block.accumulated, self.card.num_classes,
+                                             self.device_weights(job.blending, job.tile_size))
+
+    def take_labels(self, block: BlockWork) -> None:
+        """Labels and class counts (or, with post-processing, the probabilities) to the host."""
+        job, accumulator = block.job, block.accumulator
+        in_block = job.block.relative_to(block.accumulated.start)
+        valid = block.valid & accumulator.covered()[in_block]
+        if self.card.postprocess:
+            block.probabilities, block.valid = to_host(accumulator.probabilities(), valid)
+        else:
+            labels, row_counts = label_statistics(accumulator.labels()[in_block], valid, self.card.num_classes, NODATA_LABEL)
+            wanted = accumulator.probabilities()[(slice(None), *in_block)] if job.probability_store else None
+            block.labels, block.row_counts, block.probabilities = to_host(labels, row_counts, wanted)
+        block.inputs = block.accumulator = None  # the device memory goes with them
+
+    def write_block(self, block: BlockWork) -> BlockResult:
+        """Post-processing (dense CRF) on the host, then the block's labels (and probabilities)
+        into its shard of the label store."""
+        job = block.job
+        if self.card.postprocess:
+            in_block = job.block.relative_to(block.accumulated.start)
+            probabilities = self.crf(block.probabilities,
+                                     block.pixels[(slice(None), *block.accumulated.relative_to(block.context.start))])
+            labels, row_counts = label_statistics(torch.from_numpy(probabilities.argmax(axis=0)[in_block]),
+                                                  torch.from_numpy(block.valid), self.card.num_classes, NODATA_LABEL)
+            block.labels, block.row_counts = labels.numpy(), row_counts.numpy()
+            block.probabilities = probabilities[(slice(None), *in_block)]
+        labels, row_counts, probabilities = block.labels, block.row_counts, block.probabilities
         zarr.open_array(job.label_store, mode="r+")[job.block.slices()] = labels
         if job.probability_store:
             probabilities = quantise_probabilities(probabilities)
             probabilities[:, labels == NODATA_LABEL] = 0  # no class has the nodata label
             zarr.open_array(job.probability_store, mode="r+")[(slice(None), *job.block.slices())] = probabilities
         areas = None if job.row_areas is None else np.array([in_rows @ job.row_areas for in_rows in row_counts])
-        return BlockResult(job.block, row_counts.sum(axis=1), len(tiles), areas)
+        return BlockResult(job.block, row_counts.sum(axis=1), len(job.tiles), areas)
 
-    def accumulate(self, inputs: torch.Tensor, context: Region, accumulated: Region, job: BlockJob, batch_size: int
-                   ) -> BlockAccumulator:
-        """Weighted probabilities of the job's tiles over the accumulated region, on the device,
-        added in the grid's global tile order (the same order whatever the block partition)."""
-        accumulator = BlockAccumulator(accumulated, self.card.num_classes, self.device_weights(job.blending, job.tile_size))
+    def read_context(self, image: zarr.Array, context: Box, job: BlockJob) -> np.ndarray:
+        try:
+            return read_padded(image, context, job.bands)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything from ValueError to RuntimeError
+            if not job.image_is_source:
+                raise
+            raise InputError(job.image_store, f"cannot read pixels {context.start}-{context.stop} "
+                                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                             ) from exc
+
+    def accumulate(self, blocks: list[BlockWork], batch_size: int) -> None:
+        """Weighted probabilities of every block's tiles into its accumulator, on the device.
+        The tiles of all the blocks run in batches of `batch_size`, the last one filled up with
+        its last tile: a constant batch shape keeps each tile's arithmetic identical whatever
+        block and batch it falls in, and lets CUDA graphs replay. Within a block the tiles are
+        added in the grid's global order (the same order whatever the block partition)."""
         halo = self.model.halo
-        for first in range(0, len(job.tiles), batch_size):
-            batch_tiles = job.tiles[first : first + batch_size]
-            # A constant batch shape (the last tile repeated) keeps each tile's arithmetic
-            # identical whatever block it falls in, and lets CUDA graphs replay.
-            batch = torch.empty((batch_size, inputs.shape[0], *(job.tile_size + 2 * halo for _ in job.block.start)),
+        queue = [(block, tile) for block in blocks for tile in block.job.tiles]
+        for first in range(0, len(queue), batch_size):
+            in_batch = queue[first : first + batch_size]
+            job = in_batch[0][0].job
+            batch = torch.empty((batch_size, in_batch[0][0].inputs.shape[0],
+                                 *(job.tile_size + 2 * halo for _ in job.block.start)),
                                 device=self.device, memory_format=self.model.memory_format or torch.contiguous_format)
             for slot in range(batch_size):
-                tile = batch_tiles[min(slot, len(batch_tiles) - 1)]
-                batch[slot] = inputs[(slice(None), *tile.grown(halo).relative_to(context.start))]
-            for tile, probabilities in zip(batch_tiles, self.predict_tiles(batch, job.tta)):
-                accumulator.add(tile, probabilities)
-        return accumulator
+                block, tile = in_batch[min(slot, len(in_batch) - 1)]
+                batch[slot] = block.inputs[(slice(None), *tile.grown(halo).relative_to(block.context.start))]
+            for (block, tile), probabilities in zip(in_batch, self.predict_tiles(batch, job.tta)):
+                block.accumulator.add(tile, probabilities)
 
     def device_weights(self, blending: str, tile_size: int) -> torch.Tensor:
         key = (blending, tile_size)
@@ -209,6 +295,7 @@ class BlockPredictor:
         """Dense CRF marginals over the probabilities; the appearance kernel sees the card's
         preview bands, raw values x intensity_scale (theta_beta is in those units)."""
         options = self.card.postprocess
-        image = pixels[list(self.card.preview_bands)].astype(np.float32) * float(options.get("intensity_scale", 1.0))
+        image = np.nan_to_num(pixels[list(self.card.preview_bands)].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        image *= float(options.get("intensity_scale", 1.0))
         parameters = {name: options[name] for name in CRF_PARAMETERS if name in options}
         return dense_crf(probabilities, np.moveaxis(image, 0, -1), **parameters)

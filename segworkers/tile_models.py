@@ -8,9 +8,12 @@
 The card's runtime options shape the forward pass of torch models: autocast to fp16/bf16
 (logits come back fp32), channels_last inputs and weights, torch.compile, CUDA graphs.
 
-One adapter per card format; weights only ever come from files:
+One adapter per card format (LOADERS; the torch ones build an nn.Module: MODULE_BUILDERS);
+weights only ever come from files:
 - onnx: an .onnx graph run by onnxruntime (CUDA provider on a GPU)
-- torchscript: a torch.jit.save file
+- export: a torch.export program (torch.export.save, .pt2), exported at the card's tile size
+  with a dynamic batch dimension
+- torchscript: a torch.jit.save file (deprecated by torch 2.14; still read)
 - smp: segmentation_models_pytorch, either a save_pretrained directory or an architecture and
   encoder by name (`architecture: Unet`, `architecture_options: {encoder_name: resnet34}`) with
   a state-dict file; encoder_weights is always None, so nothing is downloaded
@@ -33,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.errors import InputError
-from pipelines.model_card import ModelCard, RuntimeOptions
+from pipelines.model_card import ModelCard, RuntimeOptions, ensure_local_weights
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +79,23 @@ def best_device(card: ModelCard) -> str:
 
 
 def load_tile_model(card: ModelCard, device: str, threads: int) -> TileModel:
-    if card.format == "onnx":
-        return TileModel(load_onnx(card, device, threads), card.halo, device)
+    ensure_local_weights(card)
+    return LOADERS[card.format](card, device, threads)
+
+
+def load_onnx_model(card: ModelCard, device: str, threads: int) -> TileModel:
+    return TileModel(load_onnx(card, device, threads), card.halo, device)
+
+
+def load_torch_model(card: ModelCard, device: str, threads: int) -> TileModel:
+    """A torch module built by the card format's MODULE_BUILDERS entry, run as the card's runtime
+    options say."""
     try:
-        module = build_torch_module(card)
+        module = MODULE_BUILDERS[card.format](card)
     except InputError:
         raise
     except Exception as exc:  # a weights file the runtime rejects is bad input, not a bug
-        raise InputError(card.weights, f"cannot load {card.format} model of card {card.source}: {exc}") from exc
+        raise InputError(card.weights, f"cannot load {card.format} model of card {card.source}: {one_line(exc)}") from exc
     memory_format = channels_last_format(card.spatial_dims) if card.runtime.channels_last else None
     forward = torch_forward(module, device, threads, card.runtime, memory_format)
     return TileModel(forward, card.halo or getattr(module, "halo", 0), device, memory_format)
@@ -104,7 +116,7 @@ def load_onnx(card: ModelCard, device: str, threads: int) -> Callable:
     try:
         session = ort.InferenceSession(str(card.weights), sess_options=options, providers=providers)
     except Exception as exc:
-        raise InputError(card.weights, f"cannot load onnx model of card {card.source}: {exc}") from exc
+        raise InputError(card.weights, f"cannot load onnx model of card {card.source}: {one_line(exc)}") from exc
     input_name = session.get_inputs()[0].name
 
     def forward(batch):
@@ -227,15 +239,86 @@ def warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def build_torch_module(card: ModelCard):
+def torchscript_module(card: ModelCard):
+    import warnings
+
     import torch
 
-    if card.format == "torchscript":
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript: the user's card still loads
+        warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(card.weights), map_location="cpu")
-    if card.format == "smp" and card.weights.is_dir():
-        import segmentation_models_pytorch as smp
 
-        return smp.from_pretrained(str(card.weights))
+
+def exported_module(card: ModelCard):
+    """A torch.export program (torch.export.save, .pt2), its tensors read without unpickling
+    anything else: a payload that is not plain tensors is refused, as for state dicts."""
+    import types
+
+    import torch
+
+    with _forced_weights_only_loads():
+        program = torch.export.load(str(card.weights))
+    module = program.module()
+    # The graph runs in the mode it was exported in (eval, for inference): eval() has nothing to
+    # switch, and an exported module raises NotImplementedError for it.
+    module.eval = types.MethodType(lambda self, mode=True: self, module)
+    return module
+
+
+_weights_only_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _forced_weights_only_loads():
+    """Within: every torch.load (torch.export.load unpickles parts of a .pt2 with it) reads
+    tensors only, whatever its caller asks for."""
+    import os
+
+    with _weights_only_lock:
+        saved = {name: os.environ.pop(name, None)
+                 for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name, None)
+                if value is not None:
+                    os.environ[name] = value
+
+
+def smp_module(card: ModelCard):
+    """A save_pretrained directory, or an architecture and encoder by name with a state dict."""
+    if card.weights.is_dir():
+        return smp_pretrained_folder(card.weights)
+    return architecture_with_weights(card)
+
+
+def smp_pretrained_folder(folder: Path):
+    """A segmentation_models_pytorch save_pretrained folder (config.json and model.safetensors),
+    rebuilt here rather than by smp.from_pretrained: whatever its config says of encoder_weights
+    (imagenet, say), nothing is downloaded, and a folder without config.json is an error, not a
+    model hub name."""
+    import json
+
+    import segmentation_models_pytorch as smp
+
+    config_file = folder / "config.json"
+    weights = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
+    if not config_file.is_file() or not weights:
+        raise InputError(folder, "not a segmentation_models_pytorch save_pretrained folder (config.json and "
+                                 "model.safetensors)")
+    config = json.loads(config_file.read_text())
+    architecture = config.pop("_model_class", None)
+    if not isinstance(architecture, str) or not hasattr(smp, architecture):
+        raise InputError(config_file, f"names no segmentation_models_pytorch architecture ({architecture!r})")
+    options = {key: value for key, value in config.items() if not key.startswith("_")}
+    module = getattr(smp, architecture)(**{**options, "encoder_weights": None})
+    module.load_state_dict(load_state_dict_file(weights[0]))
+    return module
+
+
+def architecture_with_weights(card: ModelCard):
     module = build_architecture(card)
     module.load_state_dict(load_state_dict_file(card.weights))
     return module
@@ -270,6 +353,89 @@ def build_architecture(card: ModelCard, device: str | None = None):
             raise InputError(card.source, str(exc.args[0])) from exc
 
 
+def architecture_format(name: str, encoder: str | None = None) -> str:
+    """The card format that builds an architecture by its name: a segworkers.models name
+    (registry), a torchvision segmentation model, or a segmentation_models_pytorch architecture
+    (any case; always smp when an encoder is named)."""
+    from segworkers import models
+
+    if encoder is None and name in models.names():
+        return "registry"
+    if encoder is None and name in TORCHVISION_SEGMENTATION:
+        return "torchvision"
+    from segmentation_models_pytorch import MODEL_ARCHITECTURES_MAPPING
+
+    if name.lower() in MODEL_ARCHITECTURES_MAPPING:
+        return "smp"
+    raise InputError("--architecture", f"unknown architecture {name!r}: a segworkers.models name "
+                                       f"({', '.join(models.names())}), a torchvision model "
+                                       f"({', '.join(TORCHVISION_SEGMENTATION)}) or a segmentation_models_pytorch "
+                                       f"architecture ({', '.join(MODEL_ARCHITECTURES_MAPPING)}) with --encoder")
+
+
+def check_model(card: ModelCard, digest: str | None = None, tile_size: int | None = None) -> None:
+    """Load the card's model on the CPU and run one tile through it, in the driver, before any
+    work: weights that cannot be read (corrupt, a pickle, another network's), a network that
+    fails on the run's tile (the card's, or `tile_size` given by --tile), or one that answers
+    with another number of classes than the card lists fail here in one line, instead of in
+    every worker after ingest. With the card's `digest`, a card and tile that passed are not
+    checked again in this process."""
+    import dataclasses
+
+    tile_size = tile_size or card.tile_size
+    if digest is not None and (digest, tile_size) in _CHECKED:
+        return
+
+    probe = card.with_runtime(precision="fp32", channels_last=False, compile=False, cuda_graphs=False)
+    model = load_tile_model(probe, "cpu", threads=1)
+    tile_field = "tile.size" if tile_size == card.tile_size else "--tile"
+    check_answer(dataclasses.replace(card, tile_size=tile_size), model, tile_field)
+    if digest is not None:
+        _CHECKED.add((digest, tile_size))
+
+
+def check_network(card: ModelCard, module) -> None:
+    """check_model for a network that has no weights file yet (one about to be trained)."""
+    forward = torch_forward(module, "cpu", 1, RuntimeOptions())
+    check_answer(card, TileModel(forward, card.halo or getattr(module, "halo", 0)))
+    module.train()
+
+
+def check_answer(card: ModelCard, model: TileModel, tile_field: str = "tile.size") -> None:
+    """One zero tile of the card's size (plus the model's halo) through the model: it must run
+    and answer (1, classes, *tile) or larger. `tile_field` names where the tile size came from."""
+    import torch
+
+    side = card.tile_size + 2 * model.halo
+    shape = (1, card.in_channels) + (side,) * card.spatial_dims
+    try:
+        logits = model.forward(torch.zeros(shape))
+    except Exception as exc:  # noqa: BLE001 - any failure of the network on this input
+        raise InputError(card.source, f"the model does not run on a {side}-pixel tile of {card.in_channels} "
+                                      f"band(s) ({tile_field}, tile.halo, input.bands): {one_line(exc)}") from exc
+    expected = 2 + card.spatial_dims
+    if not isinstance(logits, torch.Tensor) or logits.dim() != expected:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(card.source, f"the model answers a {shape} batch with {got}, not (N, classes, "
+                                      f"{', '.join('HW' if card.spatial_dims == 2 else 'DHW')})")
+    if logits.shape[1] != card.num_classes:
+        raise InputError(card.source, f"the model returns {logits.shape[1]} classes, the card lists "
+                                      f"{card.num_classes} under 'classes'")
+    smallest = min(logits.shape[2:])
+    if smallest < card.tile_size:
+        needed = model.halo + -(-(card.tile_size - smallest) // 2)
+        raise InputError(card.source, f"the model returns {tuple(logits.shape[2:])} for {side}-pixel inputs, "
+                                      f"smaller than the {card.tile_size}-pixel tile: tile.halo must be at least {needed}")
+
+
+_CHECKED: set[tuple[str, int]] = set()
+
+
+def one_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:500]
+
+
 def load_state_dict_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -278,3 +444,18 @@ def load_state_dict_file(path: Path) -> dict:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Card format -> nn.Module from the card's weights (torch formats).
+MODULE_BUILDERS: dict[str, Callable[[ModelCard], Any]] = {
+    "export": exported_module,
+    "torchscript": torchscript_module,
+    "smp": smp_module,
+    "torchvision": architecture_with_weights,
+    "registry": architecture_with_weights,
+}
+# Card format -> TileModel; every name in pipelines.model_card.FORMATS has one.
+LOADERS: dict[str, Callable[[ModelCard, str, int], TileModel]] = {
+    "onnx": load_onnx_model,
+    **{name: load_torch_model for name in MODULE_BUILDERS},
+}

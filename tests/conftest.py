@@ -18,6 +18,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train's controller looks at its workers every 2 s: a test's short training run would
+    # wait for that after its last step (the cluster's processes inherit this environment).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.archive_flow import segment_archive
-from flows.benchmarks.local_cluster import local_ray_cluster
-from flows.benchmarks.scenes import write_small_net_card, write_tiled_scene
+from flows.archive_flow import run_night
+from flows.options import RunOptions
+from flows.local_cluster import local_ray_cluster
+from flows.synthetic import write_small_net_card, write_tiled_scene
 from flows.root_lock import LOCK_NAME, RootBusy, root_lock
 from pipelines import storage
 
@@ -48,7 +49,7 @@ def bucket(s3_server) -> str:
 def single_node_run(ray_cluster, prefect_server, archive, tmp_path_factory) -> Path:
     images, card = archive
     out = tmp_path_factory.mktemp("single") / "out"
-    report = segment_archive(str(images), str(card), str(out), block=BLOCK, run_id=RUN_ID, device="cpu")
+    report = run_night(str(images), str(card), str(out), RunOptions(block=BLOCK, run_id=RUN_ID, device="cpu"))
     assert sorted(report["done"]) == sorted(IMAGES) and report["failed"] == {}
     return out
 
@@ -99,9 +100,9 @@ def test_a_two_node_cluster_with_an_s3_root_gives_the_single_node_outputs(archiv
 def test_a_second_run_on_an_s3_root_skips_what_is_done(archive, bucket, ray_cluster, prefect_server):
     images, card = archive
     out = f"{bucket}/rerun"
-    first = segment_archive(str(images), str(card), out, block=BLOCK, run_id="first", device="cpu")
+    first = run_night(str(images), str(card), out, RunOptions(block=BLOCK, run_id="first", device="cpu"))
     assert sorted(first["done"]) == sorted(IMAGES)
-    second = segment_archive(str(images), str(card), out, block=BLOCK, run_id="second", device="cpu")
+    second = run_night(str(images), str(card), out, RunOptions(block=BLOCK, run_id="second", device="cpu"))
     assert second["done"] == [] and sorted(second["skipped"]) == sorted(IMAGES)
 
 
@@ -154,7 +155,7 @@ def test_segment_into_an_s3_root_publishes_what_a_local_root_gets(bucket, segmen
     # Published again without probabilities: the stale store is removed, the rest replaced.
     storage.write_whole(f"{out}/sentinel2_scene/left-over.txt", b"from an older output")
     assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", out, "--run-id", "again"]) == 0
-    assert set(storage.list_files(f"{out}/sentinel2_scene")) == {"labels.tif", "preview.png"}
+    assert set(storage.list_files(f"{out}/sentinel2_scene")) == {"labels.tif", "labels.tif.aux.xml", "preview.png"}
 
 
 def test_a_driver_killed_mid_run_on_an_s3_root_resumes_to_the_same_outputs(archive, bucket, single_node_run,
@@ -192,7 +193,7 @@ def test_a_driver_killed_mid_run_on_an_s3_root_resumes_to_the_same_outputs(archi
     assert storage.exists(f"{out}/{LOCK_NAME}"), "the killed driver's lease is left behind"
 
     time.sleep(4.5)  # its lease runs out; the next run takes the root over
-    report = segment_archive(str(images), str(card), out, block=BLOCK, run_id=RUN_ID, device="cpu")
+    report = run_night(str(images), str(card), out, RunOptions(block=BLOCK, run_id=RUN_ID, device="cpu"))
     assert sorted(report["done"] + report["skipped"]) == sorted(IMAGES) and report["failed"] == {}
     assert sum(recorded.values()) >= 3
     for image in report["done"]:  # every block recorded before the kill is taken over, none redone

@@ -4,7 +4,7 @@ import shutil
 
 import pyarrow.compute as pc
 
-from flows.archive_flow import segment_archive
+from flows.archive_flow import run_night
 from flows.cli import main
 from pipelines.stats import read_stats
 
@@ -35,7 +35,7 @@ def test_a_bad_image_fails_alone(ray_cluster, prefect_server, sentinel_scene, tm
     (archive / "broken.tif").write_bytes(data[: len(data) // 3])
     out = tmp_path / "out"
 
-    report = segment_archive(str(archive), "s2-cloud", str(out))
+    report = run_night(str(archive), "s2-cloud", str(out))
     assert report["done"] == ["good"]
     assert list(report["failed"]) == [str(archive / "broken.tif")]
     assert str(archive / "broken.tif") in report["failed"][str(archive / "broken.tif")]

@@ -277,7 +277,7 @@ def test_the_cluster_deployment_file_matches_the_flow_and_the_ray_cluster():
     segment_archive.validate_parameters(parameters)  # names, types and required ones, as a run does
     load_card(parameters["model"])
     assert parameters["archive"].startswith("s3://") and parameters["out"].startswith("s3://")
-    assert parameters["device"] == "cuda"
+    assert parameters["options"]["device"] == "cuda"
     [schedule] = deployment["schedules"]
     RawScheduleConfig.model_validate(schedule)
     CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
@@ -291,7 +291,7 @@ def test_the_cluster_deployment_file_matches_the_flow_and_the_ray_cluster():
     assert env["RAY_AUTH_MODE"] == "token"
     assert "RAY_AUTH_TOKEN" not in env, "the token is a secret: it never goes into the file"
     gpus_at_most = sum(group["maxReplicas"] for group in gpu_groups(raycluster["spec"]))
-    assert 1 <= parameters["workers"] <= gpus_at_most, "actors that no GPU could ever carry"
+    assert 1 <= parameters["options"]["workers"] <= gpus_at_most, "actors that no GPU could ever carry"
 
 
 # --- across files ---------------------------------------------------------------------------------

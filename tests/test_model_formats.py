@@ -1,5 +1,6 @@
 """Every card format loads its weights from files and segments the real scene: a registry
-architecture with a state dict, the same network as TorchScript, an smp directory."""
+architecture with a state dict, the same network as TorchScript and as a torch.export program,
+an smp directory."""
 
 import numpy as np
 import rasterio
@@ -52,6 +53,33 @@ def test_registry_and_torchscript_cards_give_the_same_labels(ray_cluster, sentin
     assert from_registry.shape == (200, 300)
     assert len(np.unique(from_registry)) > 1, "a random U-Net still separates some pixels"
     assert (from_registry == from_script).mean() > 0.999
+
+
+def test_a_torch_export_program_gives_the_labels_of_its_network(ray_cluster, sentinel_scene, tmp_path):
+    net = small_unet()
+    torch.save(net.state_dict(), tmp_path / "unet.pt")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (torch.zeros(2, 6, 64, 64),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "unet.pt2")
+    registry_card = write_card(
+        tmp_path / "registry.yaml", format="registry", weights="unet.pt",
+        architecture="unet_padded", architecture_options={"base_features": 8, "depth": 2},
+    )
+    exported_card = write_card(tmp_path / "exported.yaml", format="export", weights="unet.pt2")
+
+    from_registry = segment(sentinel_scene, registry_card, tmp_path / "registry")
+    from_export = segment(sentinel_scene, exported_card, tmp_path / "export")
+    assert from_export.shape == (200, 300)
+    assert (from_registry == from_export).mean() > 0.999
+
+    # A program exported for 64² tiles cannot take 96²: one line before any work, not a traceback.
+    assert main(["segment", str(sentinel_scene), "--model", str(exported_card), "--out", str(tmp_path / "bad"),
+                 "--tile", "96"]) == 2
+    # A pickle in its place is refused without being run, as for state dicts.
+    torch.save({"not": "a program"}, tmp_path / "pickle.pt2")
+    pickled_card = write_card(tmp_path / "pickled.yaml", format="export", weights="pickle.pt2")
+    assert main(["segment", str(sentinel_scene), "--model", str(pickled_card), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad" / sentinel_scene.stem).exists()
 
 
 def test_smp_directory_card(ray_cluster, sentinel_scene, tmp_path):

@@ -18,7 +18,8 @@ import pytest
 
 # Imported at collection, not inside a test: importing Prefect's flow machinery creates its
 # console log handler on the sys.stderr of that moment, which must not be a test's capsys.
-from flows.archive_flow import segment_archive
+from flows.archive_flow import run_night
+from flows.options import RunOptions
 from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +244,8 @@ def test_an_archive_of_500_small_images_completes_with_bounded_memory_and_the_ne
 
     started = time.monotonic()
     with RssSampler(out / ".manifest") as memory:
-        first = segment_archive(str(archive), CARD, str(out), run_id="night-1", concurrency=2)
+        # Batch 1: each 64 x 64 crop is one tile, which a batch of 4 would run four times over.
+        first = run_night(str(archive), CARD, str(out), RunOptions(run_id="night-1", concurrency=2, batch=1))
     first_s = time.monotonic() - started
     assert first["failed"] == {} and first["skipped"] == []
     assert sorted(first["done"]) == sorted(p.stem for p in crops)
@@ -272,7 +274,7 @@ def test_an_archive_of_500_small_images_completes_with_bounded_memory_and_the_ne
         assert set(rows["valid_pixels"].to_pylist()) == {int(valid.sum())} == {sum(rows["pixel_count"].to_pylist())}
 
     started = time.monotonic()
-    second = segment_archive(str(archive), CARD, str(out), run_id="night-2", concurrency=2)
+    second = run_night(str(archive), CARD, str(out), RunOptions(run_id="night-2", concurrency=2, batch=1))
     second_s = time.monotonic() - started
     print(f"night 2: {count} images skipped in {second_s:.1f} s")
     assert second["done"] == [] and second["failed"] == {}

@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.archive_flow import segment_archive
-from flows.benchmarks.scenes import write_small_net_card, write_tiled_scene
+from flows.archive_flow import run_night
+from flows.options import RunOptions
+from flows.synthetic import write_small_net_card, write_tiled_scene
 
 SIDE = 1536
 BLOCK = 128
@@ -33,9 +34,11 @@ def archive(tmp_path_factory) -> tuple[Path, Path]:
     return images, write_small_net_card(folder, tile=128)
 
 
-def run_flow(archive: tuple[Path, Path], out: Path) -> dict:
+def run_flow(archive: tuple[Path, Path], out: Path, workers: int | None = None) -> dict:
+    """The night; on a machine of one CPU actor's worth of cores its model runs in the driver,
+    unless `workers` asks for Ray actors."""
     images, card = archive
-    return segment_archive(str(images), str(card), str(out), block=BLOCK, run_id=RUN_ID)
+    return run_night(str(images), str(card), str(out), RunOptions(block=BLOCK, run_id=RUN_ID, workers=workers))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_kill_9_of_a_ray_worker_mid_block_resumes_to_byte_identical_outputs(clea
 
     killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
     killer.start()
-    report = run_flow(archive, out)
+    report = run_flow(archive, out, workers=1)  # on a Ray actor, whose bytes equal the clean run's
     killer.join(timeout=5)
     assert killed, "a worker was killed mid-block"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE

@@ -12,9 +12,9 @@ import rasterio
 import torch
 import zarr
 
-from flows.benchmarks.scenes import write_small_net_card
+from flows.synthetic import write_small_net_card
 from pipelines.model_card import load_card
-from pipelines.tiling import Region, TileGrid
+from pipelines.tiling import Box, TileGrid
 from pipelines.zarr_stores import create_label_store
 from segworkers.predictor import BlockJob, BlockPredictor
 from segworkers.tile_models import TileModel
@@ -30,7 +30,7 @@ def block_job(sentinel_scene, folder) -> BlockJob:
     image[:] = pixels
     shape = pixels.shape[1:]
     create_label_store(folder / "labels.zarr", shape, chunk=TILE, block=256, attributes={})
-    block = Region((0, 0), shape)
+    block = Box((0, 0), shape)
     tiles = tuple(TileGrid(shape, TILE, 0.25).tiles_touching(block))
     return BlockJob(str(folder / "image.zarr"), str(folder / "labels.zarr"), block, tiles, TILE)
 

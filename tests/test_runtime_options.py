@@ -17,7 +17,7 @@ import torch
 import yaml
 import zarr
 
-from flows.benchmarks.scenes import real_rgb_tile, rgb_card, write_small_net_card
+from flows.synthetic import real_rgb_tile, rgb_card, write_small_net_card
 from pipelines.blending import gaussian_weights
 from pipelines.errors import InputError
 from pipelines.model_card import RuntimeOptions, load_card
@@ -103,9 +103,11 @@ def segment_image(predictor: BlockPredictor, image_store, folder, block: int = 1
 
 def per_tile_reference(card, pixels: np.ndarray, batch: int = 4, tta: bool = False):
     """A plain loop over the whole image's tiles with the TorchScript module itself, numpy
-    normalisation, softmax and Gaussian blending: (labels with nodata, mean probabilities)."""
+    normalisation (nodata pixels as the bands' means), softmax and Gaussian blending:
+    (labels with nodata, mean probabilities)."""
     module = torch.jit.load(str(card.weights)).eval()
     x = (pixels.astype(np.float32) * np.float32(card.scale) - np.float32(card.mean).reshape(-1, 1, 1)) / np.float32(card.std).reshape(-1, 1, 1)
+    x[:, (pixels == 0).all(axis=0)] = 0  # the image's nodata (0 in every band) reaches the model as the mean
     grid = TileGrid(pixels.shape[1:], card.tile_size, card.overlap)
     weights = gaussian_weights((card.tile_size,) * 2)
     sums = np.zeros((card.num_classes, *pixels.shape[1:]), np.float32)
@@ -278,7 +280,10 @@ def test_the_threaded_actor_reports_its_node_and_matches_the_predictor(ray_clust
     create_label_store(label_store, shape, chunk=TILE, block=128, attributes={})
     actor = SegmentationActor.remote(card, "cpu", 4, 1)
     jobs = [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), TILE) for b in block_partition(shape, (128, 128))]
-    results = ray.get([actor.segment.remote(job) for job in jobs])  # all submitted at once: two run at a time
+    # All submitted at once, one block or a group of them a call: two calls run at a time.
+    calls = [[job] for job in jobs[:2]] + [jobs[2:]]
+    results = [result for group in ray.get([actor.segment.remote(group) for group in calls]) for result in group]
+    assert len(results) == len(jobs)
     ray.kill(actor)
     np.testing.assert_array_equal(zarr.open_array(str(label_store))[:], expected)
     assert {r.node for r in results} == {ray.get_runtime_context().get_node_id()}

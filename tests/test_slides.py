@@ -11,8 +11,8 @@ import tifffile
 
 from pipelines.background import mask_shape, tiles_with_data
 from pipelines.errors import InputError
-from pipelines.slides import choose_level, inspect_slide, read_slide_region, tissue_mask, working_shape
-from pipelines.tiling import Region, TileGrid
+from pipelines.sources.slide import choose_level, inspect_slide, read_slide_box, tissue_mask, working_shape
+from pipelines.tiling import Box, TileGrid
 from training import SLIDE, shared_data
 
 @pytest.fixture(scope="module")
@@ -37,15 +37,15 @@ def test_levels_and_mpp(slide):
 
 def test_region_equals_tifffile_decode(slide, level0):
     # Crosses tile borders (tiles are 240 px) on both axes.
-    region = Region((100, 200), (700, 731))
-    pixels = read_slide_region(str(slide), 0, region)
+    region = Box((100, 200), (700, 731))
+    pixels = read_slide_box(str(slide), 0, region)
     assert pixels.shape == (3, 600, 531) and pixels.dtype == np.uint8
     # tiffslide decodes the same JPEG tiles through the same imagecodecs as tifffile: exact.
     np.testing.assert_array_equal(pixels, level0[100:700, 200:731].transpose(2, 0, 1))
 
 
 def test_region_past_the_edge_is_white(slide, level0):
-    pixels = read_slide_region(str(slide), 0, Region((2900, 2180), (3000, 2260)))
+    pixels = read_slide_box(str(slide), 0, Box((2900, 2180), (3000, 2260)))
     np.testing.assert_array_equal(pixels[:, :67, :40], level0[2900:, 2180:].transpose(2, 0, 1))
     assert (pixels[:, 67:, :] == 255).all() and (pixels[:, :, 40:] == 255).all()
 
@@ -55,15 +55,15 @@ def test_resampled_region_is_the_area_average(slide, level0):
     level, scale = choose_level(info, 0.998)
     assert (level, scale) == (0, 2.0)
     assert working_shape(info, level, scale) == (1484, 1110)
-    pixels = read_slide_region(str(slide), level, Region((50, 100), (170, 333)), scale)
+    pixels = read_slide_box(str(slide), level, Box((50, 100), (170, 333)), scale)
     blocks = level0[100:340, 200:666].astype(np.float64).reshape(120, 2, 233, 2, 3).mean(axis=(1, 3))
     np.testing.assert_array_equal(pixels, np.rint(blocks).astype(np.uint8).transpose(2, 0, 1))
 
 
 def test_resampling_does_not_depend_on_the_region(slide):
     """A working pixel depends only on its own footprint, whatever region it is read with."""
-    whole = read_slide_region(str(slide), 0, Region((0, 0), (300, 300)), 2.004)
-    part = read_slide_region(str(slide), 0, Region((117, 93), (251, 300)), 2.004)
+    whole = read_slide_box(str(slide), 0, Box((0, 0), (300, 300)), 2.004)
+    part = read_slide_box(str(slide), 0, Box((117, 93), (251, 300)), 2.004)
     assert np.abs(whole[:, 117:251, 93:300].astype(int) - part).max() <= 1
 
 
@@ -91,7 +91,7 @@ def test_pyramid_level_and_tiff_resolution(slide, level0, tmp_path):
     level, scale = choose_level(info, 1.0)
     assert level == 1 and scale == pytest.approx(1.0, abs=0.01)
     assert choose_level(info, 0.9) == (0, pytest.approx(1.8))
-    pixels = read_slide_region(str(path), 1, Region((333, 251), (600, 700)))
+    pixels = read_slide_box(str(path), 1, Box((333, 251), (600, 700)))
     np.testing.assert_array_equal(pixels, coarse[333:600, 251:700].transpose(2, 0, 1))
 
 
@@ -142,7 +142,7 @@ def test_truncated_slide_is_an_input_error(slide, tmp_path, keep):
     path.write_bytes(data[: int(len(data) * keep)])
     for call in (
         lambda: inspect_slide(path),
-        lambda: read_slide_region(str(path), 0, Region((0, 0), (240, 240))),
+        lambda: read_slide_box(str(path), 0, Box((0, 0), (240, 240))),
         lambda: tissue_mask(str(path), 8),
     ):
         with pytest.raises(InputError, match="not a readable slide") as caught:

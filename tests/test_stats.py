@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 
-from flows.benchmarks.stats_query import FIRST_NIGHT, PIXEL_AREA, generate_dataset, run_queries
+from flows.benchmarks.stats_query import run_queries
+from flows.synthetic import FIRST_NIGHT, PIXEL_AREA, generate_dataset
 from flows.cli import main
 from pipelines.stats import (
     SCHEMA_VERSION, TABLES, begin_run, compact, read_table, schema_version, table_files, write_image_rows,
@@ -37,6 +38,9 @@ RELEASED_SCHEMAS = {
         "region_class": {"image": "string", "image_uri": "string", "image_key": "string", "region": "string", "regions_file": "string", "class_id": "int16", "class_name": "string", "pixel_count": "int64", "region_pixels": "int64", "area": "double", "area_unit": "string", "model": "string", "model_version": "string", "model_digest": "string", "run_id": "string", "run_date": "date32[day]"},  # noqa: E501
     },
 }
+# Version 3 has the columns of version 2; run_date moved out of the files into the partition folders.
+RELEASED_SCHEMAS[3] = RELEASED_SCHEMAS[2]
+V2_DATASET = Path(__file__).parent / "data" / "stats-v2"  # written by segpipe's version-2 code
 
 
 def segment(scene: Path, out: Path, *options: str) -> None:
@@ -222,6 +226,26 @@ def test_stats_change_top_and_sql_agree_with_the_rows(generated_root, capsys):
     assert by_class["pixel_count"].to_pylist() == rows.groupby("class_name")["pixel_count"].sum().tolist()
 
 
+def test_an_image_run_twice_on_one_date_counts_once_for_that_date(tmp_path, capsys):
+    """The version-2 dataset has the image in runs night-1 and night-2, both on 2026-11-28, and
+    in night-3 on 2026-11-30, with the same areas each time: no change, one image per date."""
+    shutil.copytree(V2_DATASET, tmp_path / "stats")
+    rows = read_table(tmp_path / "stats").to_pandas()
+    night_1 = rows[rows.run_id == "night-1"].set_index("class_name")
+    assert set(rows[rows.run_date == dt.date(2026, 11, 28)].run_id) == {"night-1", "night-2"}
+
+    change = json.loads(stats_cli(capsys, str(tmp_path), "--change", "2026-11-28", "2026-11-30", "--format", "json"))
+    for row in change:
+        assert row["area_before"] == row["area_after"] == pytest.approx(night_1.area[row["class_name"]])
+        assert row["change"] == 0
+    by_date = json.loads(stats_cli(capsys, str(tmp_path), "--by", "run_date,class", "--format", "json"))
+    assert len(by_date) == 2 * len(night_1)
+    for row in by_date:
+        assert row["pixel_count"] == night_1.pixel_count[row["class_name"]] and row["images"] == 1
+    by_run = json.loads(stats_cli(capsys, str(tmp_path), "--by", "run_id,class", "--format", "json"))
+    assert sorted({row["run_id"] for row in by_run}) == ["night-1", "night-2", "night-3"], "per run, every run"
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--by", "colour"], "unknown grouping colour"),
     (["--top", "3"], "exactly one --class"),
@@ -295,3 +319,92 @@ def test_a_bad_regions_file_stops_before_any_work(sentinel_scene, tmp_path, caps
     assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", str(out), "--regions", str(regions)]) == 2
     assert str(regions) in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- every library reads the same rows ---------------------------------------------------------
+
+def sorted_rows(table: pa.Table, columns: list[str]) -> list[tuple]:
+    return sorted(zip(*(table[c].cast(pa.string()).to_pylist() for c in columns)))
+
+
+@pytest.fixture(scope="module")
+def nights_root(ray_cluster, sentinel_scene, tmp_path_factory) -> Path:
+    """Two real nights into one root, then a third night interrupted: its rows are pending."""
+    root = tmp_path_factory.mktemp("nights") / "out"
+    for run_id in ("night-1", "night-2"):
+        assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", str(root), "--run-id", run_id,
+                     "--block", "128"]) == 0
+    return root
+
+
+def test_pandas_pyarrow_polars_and_duckdb_read_the_same_rows_as_segpipe(nights_root):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    for name in ("image_class", "block_class"):
+        folder = nights_root / "stats" / name
+        expected = read_table(nights_root / "stats", name)
+        columns = ["image_uri", "class_id", "pixel_count", "area", "run_id", "run_date"]
+        want = sorted_rows(expected, columns)
+        for file in folder.rglob("*.parquet"):
+            assert "run_date" not in pq.read_schema(file).names, "the partition key only in the folder names"
+        readers = {
+            "pandas": lambda: pa.Table.from_pandas(pd.read_parquet(folder)),
+            "pyarrow read_table": lambda: pq.read_table(folder),
+            "pyarrow dataset": lambda: ds.dataset(folder, format="parquet", partitioning="hive").to_table(),
+            "polars": lambda: pl.read_parquet(f"{folder}/**/*.parquet", hive_partitioning=True).to_arrow(),
+            "duckdb": lambda: duckdb.sql(f"SELECT * FROM read_parquet('{folder}/**/*.parquet', "
+                                         "hive_partitioning=true)").to_arrow_table(),
+        }
+        for reader, read in readers.items():
+            assert sorted_rows(read(), columns) == want, f"{reader} reads other rows of {name}"
+
+
+def test_pending_rows_are_seen_by_segpipe_and_never_twice_by_a_glob(nights_root, tmp_path):
+    import duckdb
+
+    stats_root = tmp_path / "stats"
+    shutil.copytree(nights_root / "stats", stats_root)
+    compacted = read_table(stats_root)
+    night_2 = compacted.filter(pc.equal(compacted["run_id"], "night-2"))
+    rerun = night_2.set_column(night_2.schema.get_field_index("pixel_count"), "pixel_count",
+                               pc.add(night_2["pixel_count"], 1))
+    write_image_rows(stats_root, "night-2", night_2["run_date"][0].as_py(), "rerun", {"image_class": rerun})
+    glob = duckdb.sql(f"SELECT COUNT(*) FROM read_parquet('{stats_root}/image_class/**/*.parquet', "
+                      "hive_partitioning=true)").fetchall()[0][0]
+    assert glob == compacted.num_rows, "a glob over the table sees each row once"
+    seen = read_table(stats_root)
+    assert seen.num_rows == compacted.num_rows
+    assert pc.sum(seen["pixel_count"]).as_py() == pc.sum(compacted["pixel_count"]).as_py() + rerun.num_rows
+
+
+def test_a_version_2_dataset_is_upgraded_in_place_without_losing_a_row(ray_cluster, sentinel_scene, tmp_path):
+    root = tmp_path / "out"
+    shutil.copytree(V2_DATASET, root / "stats")
+    assert {schema_version(str(p)) for p in (root / "stats").rglob("*.parquet")} == {2}
+    before = {name: read_table(root / "stats", name) for name in TABLES}
+    assert before["image_class"].num_rows == 9, "two nights and an interrupted third, pending"
+    segment(sentinel_scene, root, "--run-id", "night-4")  # a run upgrades the dataset when it starts
+    for name, rows in before.items():
+        after = read_table(root / "stats", name)
+        columns = [f.name for f in TABLES[name]]
+        old = after.filter(pc.invert(pc.equal(after["run_id"], "night-4")))
+        assert sorted_rows(old, columns) == sorted_rows(rows, columns), f"{name} lost or changed rows"
+    files = list((root / "stats").rglob("*.parquet"))
+    assert {schema_version(str(p)) for p in files} == {SCHEMA_VERSION}
+    assert all("run_date" not in pq.read_schema(p).names for p in files)
+    assert not [p for p in files if "_pending" in p.parts], "the interrupted night's rows were folded"
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--class", "clodu"], ["--class", "no class clodu", "class00"]),
+    (["--image", "nosuch"], ["--image", "no image nosuch", "scene00000"]),
+    (["--change", "2026-09-01", "2026-10-02"], ["--change", "no run on 2026-09-01", "2026-10-01"]),
+    (["--by", "region,class"], ["--by region", "no region rows", "--regions"]),
+])
+def test_stats_questions_about_what_is_not_there_name_what_is(generated_root, capsys, arguments, words):
+    assert main(["stats", str(generated_root), *arguments]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(word in err[0] for word in words), err

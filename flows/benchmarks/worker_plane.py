@@ -78,24 +78,29 @@ class Bench:
         """As pipelines.tiling spaces the tiles."""
         return max(1, round(self.tile * (1.0 - self.overlap)))
 
-    def load_card(self, cpu_actors: bool = False):
-        """The card with this run's runtime options; the CPU actors' scaling runs it in fp32,
-        uncompiled, whatever the GPU parts use."""
-        from pipelines.model_card import load_card
-
-        card = load_card(self.card).with_runtime(**self.runtime)
-        if cpu_actors:
-            card = card.with_runtime(precision="fp32", channels_last=False, compile=False, cuda_graphs=False)
-        return card
-
-    def settings(self, card, device: str | None = None, workers: int | None = None):
-        from flows.image_run import resolve_settings
+    def options(self, device: str | None = None, workers: int | None = None):
+        """The run options of a part; with `workers`, the CPU actors' scaling: CPU-sized work,
+        fp32, uncompiled, whatever the GPU parts use."""
+        from flows.options import RunOptions
 
         if workers:
-            return resolve_settings(card, tile=self.actors_tile, overlap=self.overlap, batch=self.actors_batch,
-                                    block=self.actors_block, device="cpu", workers=workers)
-        return resolve_settings(card, tile=self.tile, overlap=self.overlap, batch=self.batch, block=self.block,
-                                device=device or self.device)
+            return RunOptions(tile=self.actors_tile, overlap=self.overlap, batch=self.actors_batch,
+                              block=self.actors_block, device="cpu", workers=workers, precision="fp32",
+                              channels_last=False, compile=False, cuda_graphs=False)
+        return RunOptions(tile=self.tile, overlap=self.overlap, batch=self.batch, block=self.block,
+                          device=device or self.device, **self.runtime)
+
+    def load_card(self):
+        """The card with this run's runtime options."""
+        from flows.options import load_run_card
+
+        return load_run_card(self.card, self.options())
+
+    def prepare(self, out: Path, device: str | None = None, workers: int | None = None):
+        """A run of the card into `out`, as `segpipe segment` and `segpipe run` prepare one."""
+        from flows.run import prepare_run
+
+        return prepare_run(self.card, out, self.options(device, workers))
 
 
 # ---------------------------------------------------------------- the parts, one per process
@@ -151,10 +156,11 @@ class WarmPool:
     """Ray (local, or `num_cpus` of it) and an actor pool whose actors have loaded the model;
     on a GPU they have also run a small image once (cuDNN plans, compilation, CUDA graphs)."""
 
-    def __init__(self, bench: Bench, card, settings, num_cpus: int | None = None, threads: int = 2):
+    def __init__(self, bench: Bench, run, num_cpus: int | None = None, threads: int = 2):
         import ray
 
-        from segworkers.actors import ActorPool, ensure_ray
+        from segworkers.actors import ActorPool
+        from segworkers.cluster import ensure_ray
 
         started = time.perf_counter()
         if num_cpus:
@@ -162,23 +168,26 @@ class WarmPool:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
         else:
             ensure_ray()
-        self.pool = ActorPool(card, settings.device, settings.batch, workers=settings.workers, threads=threads)
+        options = run.options
+        self.pool = ActorPool(run.card, options.device, options.batch, workers=options.workers, threads=threads)
         ray.get([actor.__ray_ready__.remote() for actor in self.pool.actors])
-        if settings.device == "cuda":
-            self.warm_up(bench, card, settings)
+        if options.device == "cuda":
+            self.warm_up(bench, run)
         self.seconds = time.perf_counter() - started
 
-    def warm_up(self, bench: Bench, card, settings) -> None:
+    def warm_up(self, bench: Bench, run) -> None:
         """Every actor segments at least one one-tile block of a small image."""
-        from flows.benchmarks.scenes import write_tiled_scene
-        from flows.image_run import ingest, plan_image, segment
+        from flows.run import plan_image
+        from flows.stages import ingest, segment
+        from flows.synthetic import write_tiled_scene
 
-        side = min(bench.side, settings.tile * max(2, math.ceil(math.sqrt(len(self.pool.actors)))))
+        side = min(bench.side, run.options.tile * max(2, math.ceil(math.sqrt(len(self.pool.actors)))))
         scene = write_tiled_scene(Path(bench.workdir) / "warm-up.tif", side)
-        run = plan_image(scene, card, replace(settings, block=settings.tile), Path(bench.workdir) / "warm-up-out",
-                         card.digest())
-        ingest(run)
-        segment(run, self.pool)
+        one_tile_blocks = replace(run, options=run.options.model_copy(update={"block": run.options.tile}),
+                                  out_root=str(Path(bench.workdir) / "warm-up-out"))
+        image = plan_image(one_tile_blocks, scene)
+        ingest(image)
+        segment(image, self.pool)
 
     def __enter__(self):
         return self
@@ -187,76 +196,64 @@ class WarmPool:
         self.pool.close()
 
 
-def tiles_run_per_grid_tile(shape: tuple[int, ...], settings, card) -> float:
+def tiles_run_per_grid_tile(shape: tuple[int, ...], options, card) -> float:
     """Tiles the blocks run (a tile straddling a block border runs in each block it touches)
     per tile of the grid."""
     from pipelines.tiling import TileGrid, block_partition
 
-    grid = TileGrid(shape, settings.tile, settings.overlap)
-    blocks = block_partition(shape, (settings.block,) * len(shape))
+    grid = TileGrid(shape, options.tile, options.overlap)
+    blocks = block_partition(shape, (options.block,) * len(shape))
     return sum(len(grid.tiles_touching(b.grown(card.block_margin))) for b in blocks) / len(grid)
 
 
 def segment_part(bench: Bench, device: str | None = None, workers: int | None = None) -> dict:
     """The segment stage alone; with `workers`, that many CPU actors of one thread each."""
-    from flows.image_run import ingest, plan_image, segment
+    from flows.run import plan_image
+    from flows.stages import ingest, segment
 
-    device = device or bench.device
-    card = bench.load_card(cpu_actors=workers is not None)
-    settings = bench.settings(card, device, workers)
+    run = bench.prepare(Path(bench.workdir) / f"segment-out-{workers or device or bench.device}", device, workers)
     scene = bench.actors_scene if workers else bench.scene
-    with WarmPool(bench, card, settings, num_cpus=workers, threads=1 if workers else 2) as warm:
-        run = plan_image(scene, card, settings, Path(bench.workdir) / f"segment-out-{workers or device}", card.digest())
-        ingest(run)
+    with WarmPool(bench, run, num_cpus=workers, threads=1 if workers else 2) as warm:
+        image = plan_image(run, scene)
+        ingest(image)
         window_start, started = time.time(), time.perf_counter()
-        summary = segment(run, warm.pool)
+        summary = segment(image, warm.pool)
         seconds = time.perf_counter() - started
-    pixels = math.prod(run.source.shape)
+    pixels = math.prod(image.source.shape)
     return {"mpx_per_s": pixels / 1e6 / seconds, "seconds": seconds, "window": [window_start, time.time()],
             "actors": len(warm.pool.actors), "startup_seconds": warm.seconds, "tiles": summary.tiles,
-            "tiles_run_per_grid_tile": tiles_run_per_grid_tile(run.source.shape, settings, card),
-            "block": settings.block}
+            "tiles_run_per_grid_tile": tiles_run_per_grid_tile(image.source.shape, run.options, run.card),
+            "block": run.options.block}
+
+
+# The end-to-end stages as the report names them.
+STAGE_NAMES = {"ingest": "ingest", "segment": "segment", "finalize": "finalize", "record": "statistics"}
 
 
 def end_to_end_part(bench: Bench) -> dict:
-    """The stages of one image as a nightly run does them (flows.archive_flow.process_image),
-    with the CLI's statistics bracket around them (begin the run, compact at the end)."""
-    import datetime as dt
+    """The stages of one image as `segpipe segment` and a nightly run do them (flows.stages),
+    inside a started run (the output root locked, statistics compacted at the end)."""
+    from flows.run import claim_folder, plan_image, started
+    from flows.stages import run_image
 
-    from flows.image_run import complete, finalize, ingest, plan_image, record_stats, segment
-    from pipelines.stats import begin_run, compact
-
-    card = bench.load_card()
-    settings = bench.settings(card)
     out = Path(bench.workdir) / "end-to-end-out"
+    run = bench.prepare(out)
     stages = {}
-    with WarmPool(bench, card, settings) as warm:
-        window_start, started = time.time(), time.perf_counter()
-        lap = started
 
-        def stage_done(name: str) -> None:
-            nonlocal lap
-            now = time.perf_counter()
-            stages[name] = now - lap
-            lap = now
+    def timed(stage, work):
+        lap = time.perf_counter()
+        work()
+        stages[STAGE_NAMES[stage.__name__]] = time.perf_counter() - lap
 
-        run_id, stats_root = "bench", out / "stats"
-        run_date = begin_run(stats_root, run_id, dt.date.today())
-        run = plan_image(bench.scene, card, settings, out, card.digest())
-        ingest(run)
-        stage_done("ingest")
-        summary = segment(run, warm.pool)
-        stage_done("segment")
-        finalize(run)
-        stage_done("finalize")
-        record_stats(run, summary, run_id, run_date)
-        compact(stats_root)
-        complete(run, run_id, run_date)
-        stage_done("statistics")
-        seconds = time.perf_counter() - started
-    if not (out / run.name / "labels.tif").exists():
-        raise RuntimeError(f"end-to-end run left no {out / run.name / 'labels.tif'}")
-    return {"mpx_per_s": math.prod(run.source.shape) / 1e6 / seconds, "seconds": seconds,
+    with WarmPool(bench, run) as warm:
+        window_start, begun = time.time(), time.perf_counter()
+        with started(run) as run:
+            image = claim_folder(plan_image(run, bench.scene))
+            run_image(image, warm.pool, run_stage=timed)
+        seconds = time.perf_counter() - begun
+    if not (out / image.name / "labels.tif").exists():
+        raise RuntimeError(f"end-to-end run left no {out / image.name / 'labels.tif'}")
+    return {"mpx_per_s": math.prod(image.source.shape) / 1e6 / seconds, "seconds": seconds,
             "window": [window_start, time.time()], "stages": stages}
 
 
@@ -265,15 +262,19 @@ def monai_part(bench: Bench, stitch_device: str) -> dict:
     the probabilities are summed on `stitch_device`; labels come back to the host as uint8."""
     import rasterio
     import torch
-    from monai.data.utils import dense_patch_slices
-    from monai.inferers import sliding_window_inference
-
-    from pipelines.sources import inspect_source, resolve_bands
+    from pipelines.sources import open_source, resolve_bands
     from segworkers.tile_models import load_tile_model
+
+    try:
+        from monai.data.utils import dense_patch_slices
+        from monai.inferers import sliding_window_inference
+    except ModuleNotFoundError as exc:
+        raise SystemExit("the monai part needs MONAI: pip install 'segpipe[bench]', or leave it out "
+                         "(--parts model,segment,end-to-end)") from exc
 
     card = bench.load_card()
     forward = load_tile_model(card, bench.device, available_cores()).forward
-    bands = resolve_bands(inspect_source(bench.scene, card), card)
+    bands = resolve_bands(open_source(bench.scene, card), card)
     with rasterio.open(bench.scene) as src:
         pixels = torch.from_numpy(src.read(list(bands)))[None]
     # Warm-up on both batch shapes MONAI will send (full ones, then the rest): a new shape
@@ -343,9 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="also print every figure as one JSON object (last line)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.benchmarks.worker_plane", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m flows.benchmarks.worker_plane") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -380,7 +380,7 @@ def parse_actor_counts(text: str | None) -> list[int]:
 def resolve_bench(args: argparse.Namespace, workdir: Path, actor_counts: list[int]) -> Bench:
     import torch
 
-    from flows.benchmarks.scenes import write_smp_unet_card, write_tiny_unet_card
+    from flows.synthetic import write_smp_unet_card, write_tiny_unet_card
     from pipelines.model_card import load_card
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -442,7 +442,7 @@ def describe_machine(device: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the options describe; prints the table (and with --json, one JSON object)."""
-    from flows.benchmarks.scenes import write_tiled_scene
+    from flows.synthetic import write_tiled_scene
 
     parts = parse_parts(args.parts)
     actor_counts = parse_actor_counts(args.actors)
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bench = resolve_bench(args, workdir, actor_counts)
         card = bench.load_card()
-        settings = bench.settings(card)
+        options = bench.options().resolved(card)
         started = time.perf_counter()
         write_tiled_scene(Path(bench.scene), bench.side)
         scene_seconds = time.perf_counter() - started
@@ -472,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
             measured[name] = measure_part(name, config, workdir)
             print(f"  {name:12s} {measured[name].result['mpx_per_s']:10.4g} Mpx/s "
                   f"(process: {measured[name].seconds:.1f} s)", flush=True)
-        report = build_report(bench, settings, card, measured, describe_machine(bench.device), scene_seconds,
+        report = build_report(bench, options, card, measured, describe_machine(bench.device), scene_seconds,
                               skipped_actors=[n for n in actor_counts if n > cores], cores=cores)
         print_report(report)
         if args.json:
@@ -509,7 +509,7 @@ def part_figures(measured: Measured) -> dict:
     }
 
 
-def build_report(bench: Bench, settings, card, measured: dict[str, Measured], machine: dict, scene_seconds: float,
+def build_report(bench: Bench, options, card, measured: dict[str, Measured], machine: dict, scene_seconds: float,
                  skipped_actors: list[int], cores: int) -> dict:
     labels = {"model": "model", "segment": "segment", "end-to-end": "end_to_end", "monai@cuda": "monai_gpu_stitched",
               "monai@cpu": "monai_cpu_stitched" if bench.device == "cuda" else "monai"}
@@ -537,7 +537,7 @@ def build_report(bench: Bench, settings, card, measured: dict[str, Measured], ma
                   "architecture_options": card.architecture_options, "bands": card.in_channels,
                   "classes": card.num_classes},
         "settings": {"side": bench.side, "tile": bench.tile, "overlap": bench.overlap, "stride": bench.stride,
-                     "batch": bench.batch, "block": settings.block, "device": bench.device, **bench.runtime,
+                     "batch": bench.batch, "block": options.block, "device": bench.device, **bench.runtime,
                      "blending": "gaussian", "actors_side": bench.actors_side, "actors_tile": bench.actors_tile,
                      "actors_batch": bench.actors_batch, "actors_block": bench.actors_block, "cores": cores},
         "scene_seconds": scene_seconds,

@@ -1,48 +1,13 @@
-"""The model registry: build any architecture by name.
+"""The model zoo: build any architecture by name.
 
     create("unet_padded", num_classes=3, in_channels=6) -> nn.Module
 
 Every model maps (N, C, H, W) to logits (N, K, H, W). Builders register themselves with
-@register in the module of their architecture family.
+`segworkers.models.registry.register` in the module of their architecture family; importing
+this package imports every family.
 """
 
-from __future__ import annotations
+from segworkers.models import deeplab, deeplab_v1, fcn, nnunet3d, segformer, unet, unetpp  # noqa: F401
+from segworkers.models.registry import create, names, parameter_count, register
 
-from typing import Callable
-
-from torch import nn
-
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register(name: str):
-    def decorate(builder: Callable[..., nn.Module]):
-        if name in _BUILDERS:
-            raise ValueError(f"model {name!r} registered twice")
-        _BUILDERS[name] = builder
-        return builder
-
-    return decorate
-
-
-def names() -> list[str]:
-    return sorted(_BUILDERS)
-
-
-def parameter_count(name: str, num_classes: int = 21, in_channels: int = 3, **options) -> int:
-    """Parameters of a model, counted on the meta device: nothing is allocated or initialised."""
-    import torch
-
-    with torch.device("meta"):
-        model = create(name, num_classes=num_classes, in_channels=in_channels, **options)
-    return sum(p.numel() for p in model.parameters())
-
-
-def create(name: str, num_classes: int, in_channels: int, **options) -> nn.Module:
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
-    return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, **options)
-
-
-# Importing each family registers its builders.
-from segworkers.models import deeplab, deeplab_v1, fcn, nnunet3d, segformer, unet, unetpp  # noqa: E402,F401
+__all__ = ["create", "names", "parameter_count", "register"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segworkers.models import register
+from segworkers.models.registry import register
 from segworkers.models.resnet import ConvBN, ResNet
 
 V2_RATES = (6, 12, 18, 24)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segworkers.models import register
+from segworkers.models.registry import register
 from segworkers.models.vgg import VGG16, ConvolutionalisedClassifier
 
 LARGE_FOV_RATE = 12

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segworkers.models import register
+from segworkers.models.registry import register
 from segworkers.models.vgg import VGG16, ConvolutionalisedClassifier
 
 # VGG16 stages whose pooled outputs the skips score, coarse to fine: pool4, pool3.

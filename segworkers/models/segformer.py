@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segworkers.models import register
+from segworkers.models.registry import register
 
 # Table 6 of the paper (and the official mit_b0..b5 configs): per-stage widths, depths and the
 # width of the all-MLP decoder (Sec. 4.1: C = 256 for B0/B1, 768 otherwise).

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from segworkers.models import register
+from segworkers.models.registry import register
 
 
 class DoubleConv(nn.Sequential):

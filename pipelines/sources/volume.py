@@ -1,5 +1,5 @@
-"""3D volumes: inspect a NIfTI file or a multi-page TIFF stack, read regions of it, write label
-volumes back as NIfTI on the source grid.
+"""3D volumes: inspect a NIfTI file or a multi-page TIFF stack and read regions of it (labels
+go back as NIfTI on the source grid: pipelines.outputs.nifti_labels).
 
 Axis convention. segpipe arrays are (D, H, W) (channels first when there are any: (C, D, H, W)),
 with W varying fastest in memory. NIfTI-1/2 (https://nifti.nimh.nih.gov/nifti-1/documentation/
@@ -32,7 +32,6 @@ import math
 import os
 import struct
 import threading
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +42,13 @@ import numpy as np
 import tifffile
 import zarr
 from nibabel.filebasedimages import ImageFileError
-from nibabel.openers import Opener
 from nibabel.spatialimages import HeaderDataError
 
+from pipelines.areas import PixelAreas
 from pipelines.errors import InputError
-from pipelines.tiling import Region
+from pipelines.model_card import ModelCard
+from pipelines.sources import Source, SourceKind, image_stem, local_copy
+from pipelines.tiling import Box
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -79,9 +80,6 @@ TIFF_RESOLUTION_UNIT_MM = {2: 25.4, 3: 10.0}
 TIFF_DEPTH_AXES = ("Z", "Q", "I")
 TIFF_CHANNEL_AXES = ("C", "S")
 
-# Uncompressed bytes per slab when writing labels: bounds the writer's memory.
-WRITE_SLAB_BYTES = 64 * 2**20
-
 NIFTI_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
 TIFF_READ_ERRORS = (tifffile.TiffFileError, OSError, EOFError, ValueError, KeyError, zlib.error)
 
@@ -93,7 +91,7 @@ class VolumeInfo:
     """(D, H, W); for NIfTI (k, j, i) of nibabel's (i, j, k) shape."""
     channels: int
     dtype: str
-    """The dtype read_volume_region returns (NIfTI scl_slope/scl_inter applied)."""
+    """The dtype read_volume_box returns (NIfTI scl_slope/scl_inter applied)."""
     affine: list[list[float]]
     """4x4, voxel index (d, h, w, 1) -> world mm (see the module docstring)."""
     spacing: tuple[float, float, float] | None
@@ -102,11 +100,7 @@ class VolumeInfo:
 
     @property
     def stem(self) -> str:
-        name = Path(self.uri).name
-        for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES:
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem
+        return image_stem(self.uri)
 
 
 def volume_format(path: str | Path) -> Literal["nifti", "tiff"]:
@@ -127,79 +121,34 @@ def inspect_volume(path: str | Path) -> VolumeInfo:
     return _inspect_nifti(str(path)) if fmt == "nifti" else _inspect_tiff(str(path))
 
 
-def read_volume_region(path: str | Path, region: Region) -> np.ndarray:
-    """The voxels of region (D, H, W) as a (C, d, h, w) array, without loading the whole volume.
+def read_volume_box(path: str | Path, box: Box) -> np.ndarray:
+    """The voxels of box (D, H, W) as a (C, d, h, w) array, without loading the whole volume.
 
-    NIfTI: nibabel's array proxy reads only the bytes of the region. A .nii.gz has no random
+    NIfTI: nibabel's array proxy reads only the bytes of the box. A .nii.gz has no random
     access (unless the optional indexed_gzip package is installed), so the stream is decompressed
-    from its start up to the region; memory stays bounded by the region either way.
-    TIFF: only the pages (and strips or tiles) that intersect the region are read.
-    InputError for an unreadable file; IndexError for a region outside the volume (a caller bug).
+    from its start up to the box; memory stays bounded by the box either way.
+    TIFF: only the pages (and strips or tiles) that intersect the box are read.
+    InputError for an unreadable file; IndexError for a box outside the volume (a caller bug).
     """
     fmt = volume_format(path)
     path = str(path)
     if fmt == "nifti":
-        return _read_nifti_region(path, region)
-    return _read_tiff_region(path, region)
-
-
-def write_labels_nifti(labels, path: str | Path, source: VolumeInfo) -> None:
-    """Write a (D, H, W) uint8 label volume (numpy or zarr) as NIfTI-1 on the source's grid.
-
-    qform and sform both carry source.affine (code 2, "aligned": the labels are aligned to the
-    source), so 3D Slicer and ITK-SNAP overlay the labels on the source image. The qform can only
-    hold a rigid rotation, zooms and a flip; for a sheared affine it holds the nearest such
-    transform and the sform the exact one. NIfTI stores both in float32.
-
-    nibabel's own writer turns the data into one in-memory array, so the data block is written
-    here in slabs of whole D planes (see the module docstring: a C-order (D, H, W) slab is the
-    NIfTI byte order), and only one slab is in memory at a time. '.nii.gz' is gzip-compressed.
-    """
-    path = str(path)
-    if not path.lower().endswith(NIFTI_SUFFIXES):
-        raise ValueError(f"{path}: a NIfTI label file must end in .nii or .nii.gz")
-    if labels.dtype != np.uint8:
-        raise ValueError(f"labels must be uint8, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(source.shape):
-        raise ValueError(f"labels shape {tuple(labels.shape)} is not the source's {source.shape}")
-
-    depth, height, width = source.shape
-    header = nib.Nifti1Header()
-    header.set_data_shape((width, height, depth))
-    header.set_data_dtype(np.uint8)
-    header.set_xyzt_units(xyz="mm")
-    nifti_affine = _swap_voxel_axes(np.asarray(source.affine, dtype=np.float64))
-    header.set_qform(nifti_affine, code="aligned")
-    header.set_sform(nifti_affine, code="aligned")
-    header.set_slope_inter(1.0, 0.0)  # class indices are stored as they are
-
-    slab = _slab_depth(labels, height * width)
-    with Opener(path, "wb") as out:
-        header.write_to(out)
-        out.write(b"\0" * (int(header.get_data_offset()) - out.tell()))
-        for d0 in range(0, depth, slab):
-            out.write(np.ascontiguousarray(labels[d0 : d0 + slab], dtype=np.uint8).tobytes())
+        return _read_nifti_box(path, box)
+    return _read_tiff_box(path, box)
 
 
 def voxel_volume(info: VolumeInfo) -> tuple[float, str]:
-    """Volume of one voxel and its unit: mm³ from the spacing, else one voxel with a warning."""
+    """Volume of one voxel and its unit: mm³ from the spacing, else one voxel (the source's note
+    says so)."""
     if info.spacing is not None:
         return float(math.prod(info.spacing)), "mm3"
-    warnings.warn(f"{info.uri} has no voxel spacing: volumes are reported in voxels", stacklevel=2)
     return 1.0, "px"
-
-
-def _slab_depth(labels, plane_bytes: int) -> int:
-    """D planes per written slab: about WRITE_SLAB_BYTES, a whole number of the zarr array's
-    chunk (or shard) depth so that no chunk is decoded twice."""
-    chunk_depth = (getattr(labels, "shards", None) or getattr(labels, "chunks", None) or (1,))[0]
-    return chunk_depth * max(1, WRITE_SLAB_BYTES // (plane_bytes * chunk_depth))
 
 
 # NIfTI ---------------------------------------------------------------------------------------
 
 
-def _swap_voxel_axes(affine: np.ndarray) -> np.ndarray:
+def swap_voxel_axes(affine: np.ndarray) -> np.ndarray:
     """Reorder the voxel-axis columns (i, j, k) <-> (k, j, i); the translation column stays.
     The permutation is its own inverse, so this converts in both directions."""
     return affine[:, [2, 1, 0, 3]]
@@ -251,7 +200,7 @@ def _inspect_nifti(path: str) -> VolumeInfo:
         shape=(shape[2], shape[1], shape[0]),
         channels=1 if not extra else shape[-1],
         dtype=str(dtype),
-        affine=_swap_voxel_axes(world_mm).tolist(),
+        affine=swap_voxel_axes(world_mm).tolist(),
         spacing=tuple(float(z) * unit_mm for z in reversed(zooms)) if all(zooms) else None,
         format="nifti",
     )
@@ -287,22 +236,22 @@ def _check_nifti_complete(path: str, header, shape: tuple[int, ...]) -> None:
         raise InputError(path, f"truncated: {size} bytes uncompressed, the header describes {expected}")
 
 
-def _check_region(region: Region, shape: tuple[int, ...], path: str) -> None:
-    inside = all(0 <= a < b <= n for a, b, n in zip(region.start, region.stop, shape))
-    if len(region.start) != 3 or not inside:
-        raise IndexError(f"{path}: region {region} is not a non-empty box inside the volume {shape}")
+def _check_box(box: Box, shape: tuple[int, ...], path: str) -> None:
+    inside = all(0 <= a < b <= n for a, b, n in zip(box.start, box.stop, shape))
+    if len(box.start) != 3 or not inside:
+        raise IndexError(f"{path}: box {box} is not a non-empty box inside the volume {shape}")
 
 
-def _read_nifti_region(path: str, region: Region) -> np.ndarray:
+def _read_nifti_box(path: str, box: Box) -> np.ndarray:
     image = _load_nifti(path)
     shape = tuple(int(n) for n in image.shape)
     extra = _nifti_extra_index(shape, path)
-    _check_region(region, (shape[2], shape[1], shape[0]), path)
-    d, h, w = region.slices()
+    _check_box(box, (shape[2], shape[1], shape[0]), path)
+    d, h, w = box.slices()
     try:
         voxels = np.asarray(image.dataobj[(w, h, d, *extra)])
     except NIFTI_READ_ERRORS as exc:
-        raise InputError(path, f"cannot read region {region.start}-{region.stop} ({exc})") from exc
+        raise InputError(path, f"cannot read voxels {box.start}-{box.stop} ({exc})") from exc
     if voxels.ndim == 3:
         voxels = voxels[..., np.newaxis]
     return np.ascontiguousarray(voxels.transpose(3, 2, 1, 0))  # (w, h, d, c) -> (c, d, h, w)
@@ -444,13 +393,13 @@ def _check_tiff_complete(tif: tifffile.TiffFile, series, path: str) -> None:
             raise InputError(path, f"truncated: {size} bytes, page {page.index} ends at byte {max(ends)}")
 
 
-def _read_tiff_region(path: str, region: Region) -> np.ndarray:
+def _read_tiff_box(path: str, box: Box) -> np.ndarray:
     try:
         with _open_tiff(path) as tif:
             series = tif.series[0]
             layout = _tiff_layout(series, path)
-            _check_region(region, layout.shape, path)
-            d, h, w = region.slices()
+            _check_box(box, layout.shape, path)
+            d, h, w = box.slices()
             index = [slice(None)] * len(series.axes)
             index[series.axes.index("Y")], index[series.axes.index("X")] = h, w
             if layout.depth_axis is not None:
@@ -459,6 +408,48 @@ def _read_tiff_region(path: str, region: Region) -> np.ndarray:
             with series.aszarr() as store:
                 voxels = zarr.open_array(store, mode="r")[tuple(index)]
     except TIFF_READ_ERRORS as exc:
-        raise InputError(path, f"cannot read region {region.start}-{region.stop} ({exc})") from exc
+        raise InputError(path, f"cannot read voxels {box.start}-{box.stop} ({exc})") from exc
     voxels = voxels.transpose(layout.order)
-    return np.ascontiguousarray(voxels.reshape(layout.channels, *region.shape))
+    return np.ascontiguousarray(voxels.reshape(layout.channels, *box.shape))
+
+
+@dataclass(frozen=True)
+class VolumeSource(Source):
+    uri: str
+    info: VolumeInfo
+    """Of the local file (a copy, for an s3:// volume)."""
+    kind = "volume"
+    labels_output = "nifti-labels"
+    nodata = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.info.shape
+
+    @property
+    def count(self) -> int:
+        return self.info.channels
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def affine(self) -> list[list[float]]:
+        """4x4, voxel index (d, h, w, 1) -> world mm."""
+        return self.info.affine
+
+    def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
+        return read_volume_box(self.info.uri, box)[[b - 1 for b in bands]]
+
+    def pixel_areas(self) -> PixelAreas:
+        """mm³ per voxel, the same for every slice."""
+        value, unit = voxel_volume(self.info)
+        return PixelAreas(unit, np.full(self.shape[0], value))
+
+
+def open_volume(uri: str, card: ModelCard) -> VolumeSource:
+    return VolumeSource(uri, inspect_volume(local_copy(uri)))
+
+
+KIND = SourceKind("volume", open_volume, suffixes=NIFTI_SUFFIXES, wanted_by_card=lambda card: card.spatial_dims == 3)

@@ -6,7 +6,7 @@ tiffslide (pure Python, reads through fsspec) opens what it can; openslide opens
 boundaries: a slide handle is not thread-safe, so every call opens its own (a few ms for a
 TIFF-based slide).
 
-Coordinates: a Region is (y, x) in pixels of one level. openslide and tiffslide take the
+Coordinates: a Box is (y, x) in pixels of one level. openslide and tiffslide take the
 top-left corner in level-0 (x, y) and the size at the level; the conversion lives here only.
 A *working image* is a level resampled by `scale` (the card's µm/px over the level's µm/px):
 working pixel (i, j) is the area average of the level's pixels in the box
@@ -25,10 +25,13 @@ import numpy as np
 import openslide
 import tifffile
 import tiffslide
-from scipy import ndimage
 
+from pipelines.areas import PixelAreas
+from pipelines.background import FACTOR
 from pipelines.errors import InputError
-from pipelines.tiling import Region
+from pipelines.model_card import ModelCard
+from pipelines.sources import Source, SourceKind, local_copy
+from pipelines.tiling import Box
 
 # A level whose µm/px is within 1% of the card's is used as it is: scanners round their MPP
 # (0.499 vs 0.5) and resampling by 1.002 would only blur.
@@ -58,10 +61,6 @@ class SlideInfo:
     """µm per pixel at level 0, or None when the slide does not say."""
     mpp_y: float | None
     vendor: str
-
-    @property
-    def stem(self) -> str:
-        return Path(self.uri).stem
 
 
 def _open(uri: str):
@@ -148,7 +147,7 @@ def choose_level(info: SlideInfo, target_mpp: float | None) -> tuple[int, float]
 
     The level is the coarsest whose µm/px is at most target_mpp (1% tolerance), so the model never
     sees pixels upsampled from a coarser level; scale = target / level µm/px is what
-    read_slide_region still has to resample by (1.0 when the level matches). A target finer than
+    read_slide_box still has to resample by (1.0 when the level matches). A target finer than
     level 0 gives level 0 and a scale below 1. Pixels are taken as square (mpp_x).
     """
     if target_mpp is None:
@@ -213,8 +212,8 @@ def _area_average(pixels: np.ndarray, bounds: np.ndarray, origin: int, axis: int
     return np.moveaxis(means, 0, axis)
 
 
-def _read_working(slide, info: SlideInfo, level: int, region: Region, scale: float) -> np.ndarray:
-    (y0, x0), (y1, x1) = region.start, region.stop
+def _read_working(slide, info: SlideInfo, level: int, box: Box, scale: float) -> np.ndarray:
+    (y0, x0), (y1, x1) = box.start, box.stop
     if scale == 1.0:
         return _read_level(slide, info, level, y0, x0, y1, x1)
     ys, xs = _box_bounds(y0, y1, scale), _box_bounds(x0, x1, scale)
@@ -224,8 +223,8 @@ def _read_working(slide, info: SlideInfo, level: int, region: Region, scale: flo
     return np.clip(np.rint(averaged), 0, 255).astype(np.uint8)
 
 
-def read_slide_region(uri: str, level: int, region: Region, scale: float = 1.0) -> np.ndarray:
-    """(3, h, w) uint8 RGB of `region` (y, x) of the working image (level resampled by scale).
+def read_slide_box(uri: str, level: int, box: Box, scale: float = 1.0) -> np.ndarray:
+    """(3, h, w) uint8 RGB of `box` (y, x) of the working image (level resampled by scale).
 
     scale 1.0 reads the level's own pixels; otherwise each pixel is the area average of its box
     of level pixels (see the module docstring). Raises InputError on a corrupt or truncated file.
@@ -236,11 +235,11 @@ def read_slide_region(uri: str, level: int, region: Region, scale: float = 1.0) 
         raise InputError(uri, f"has {len(info.level_dimensions)} level(s), no level {level}")
     try:
         with _open(uri) as slide:
-            pixels = _read_working(slide, info, level, region, scale)
+            pixels = _read_working(slide, info, level, box, scale)
     except InputError:
         raise
     except Exception as exc:  # decoders raise their own types (ValueError, OSError, RuntimeError...)
-        where = f"level {level} region {region.start}-{region.stop}"
+        where = f"level {level} pixels {box.start}-{box.stop}"
         raise InputError(uri, f"cannot read {where} ({exc})") from exc
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -283,7 +282,7 @@ def tissue_mask(
 ) -> np.ndarray:
     """Where the slide has tissue, one cell per factor x factor pixels of the working image.
 
-    The working image is `level` resampled by `scale` (as read_slide_region reads it), so the
+    The working image is `level` resampled by `scale` (as read_slide_box reads it), so the
     mask has shape background.mask_shape(working_shape(...), factor) and plugs into
     background.tiles_with_data(grid, mask, factor). Each cell is the mean colour of its
     footprint, read from the coarsest pyramid level that still has a pixel per cell (at most
@@ -304,9 +303,71 @@ def tissue_mask(
     saturation = np.empty(shape, dtype=np.float64)
     for row in range(0, shape[0], strip):
         stop = min(row + strip, shape[0])
-        rgb = read_slide_region(uri, detection, Region((row, 0), (stop, shape[1])), cell_at_detection)
+        rgb = read_slide_box(uri, detection, Box((row, 0), (stop, shape[1])), cell_at_detection)
         brightest, darkest = rgb.max(axis=0).astype(np.float64), rgb.min(axis=0)
         saturation[row:stop] = np.where(brightest > 0, (brightest - darkest) / np.maximum(brightest, 1), 0.0)
     threshold = min(max(_otsu_threshold(saturation), MIN_TISSUE_SATURATION), MAX_TISSUE_SATURATION)
+    from scipy import ndimage  # here: a command that reads no slide does not pay for scipy's import
+
     tissue = ndimage.binary_opening(saturation > threshold, structure=np.ones((3, 3), dtype=bool))
     return ndimage.binary_dilation(tissue, structure=np.ones((3, 3), dtype=bool))
+
+
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+@dataclass(frozen=True)
+class SlideSource(Source):
+    """A slide at the resolution the card asks for: pyramid `level` resampled by `scale`."""
+
+    uri: str
+    info: SlideInfo
+    level: int
+    scale: float
+    kind = "slide"
+    labels_output = "ome-zarr-image"
+    count = 3
+    dtype = "uint8"
+    nodata = None
+    band_names = ("red", "green", "blue")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return working_shape(self.info, self.level, self.scale)
+
+    @property
+    def working_mpp(self) -> float | None:
+        """µm per pixel of the image the model sees (level and resampling applied)."""
+        if self.info.mpp_x is None:
+            return None
+        return self.info.mpp_x * self.info.level_downsamples[self.level] * self.scale
+
+    @property
+    def pixel_size(self) -> tuple[tuple[float, str], ...] | None:
+        return ((self.working_mpp, "µm"),) * 2 if self.working_mpp else None
+
+    @property
+    def full_resolution_factor(self) -> float:
+        return self.info.level_downsamples[self.level] * self.scale
+
+    def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
+        pixels = read_slide_box(self.info.uri, self.level, box, self.scale)
+        return pixels[[b - 1 for b in bands]]
+
+    def pixel_areas(self) -> PixelAreas:
+        if self.working_mpp is None:
+            return super().pixel_areas()
+        return PixelAreas("um2", np.full(self.shape[0], self.working_mpp**2))
+
+    def background_mask(self) -> np.ndarray:
+        """Glass has no nodata value: tissue detection marks what to segment."""
+        return tissue_mask(self.info.uri, FACTOR, self.level, self.scale)
+
+
+def open_slide(uri: str, card: ModelCard) -> SlideSource:
+    info = inspect_slide(local_copy(uri))
+    level, scale = choose_level(info, card.mpp)
+    return SlideSource(uri, info, level, scale)
+
+
+KIND = SourceKind("slide", open_slide, suffixes=SLIDE_SUFFIXES, wanted_by_card=lambda card: card.mpp is not None)

@@ -1,19 +1,24 @@
-"""Large test scenes made by tiling a real image, written window by window (bounded memory),
-and random networks with their model cards: a small TorchScript conv net, a tiny registry
-U-Net, and segmentation_models_pytorch's Unet with a ResNet-34 encoder."""
+"""Made-up inputs for tests and benchmarks: large scenes made by tiling a real image, written
+window by window (bounded memory); random networks with their model cards (a small TorchScript
+conv net, a tiny registry U-Net, segmentation_models_pytorch's Unet with a ResNet-34 encoder);
+and statistics datasets of many nights."""
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import rasterio
 import torch
 import yaml
 from torch import nn
 
 from flows.demo_scene import write_sentinel2_scene
+from pipelines.model_card import ClassInfo
+from pipelines.stats import ImageInfo, RunInfo, begin_run, compact, image_class_table, write_image_rows
 
 
 def real_rgb_tile() -> tuple[np.ndarray, dict]:
@@ -97,3 +102,29 @@ def write_smp_unet_card(folder: Path, tile: int = 1024, overlap: float = 0.25, c
     path = folder / "unet-resnet34.yaml"
     path.write_text(yaml.safe_dump(card))
     return path
+
+
+FIRST_NIGHT = dt.date(2026, 10, 1)
+PIXEL_AREA = 100.0  # m², a 10 m pixel
+
+
+def generate_dataset(stats_root: Path, images: int, classes: int, nights: int, seed: int = 0,
+                     side: int = 1000) -> list[ClassInfo]:
+    """One run per night over the same `images` (side x side pixels, some nodata), random
+    class counts that sum to each image's valid pixels."""
+    rng = np.random.default_rng(seed)
+    class_infos = [ClassInfo(k, f"class{k:02d}", (k * 11 % 256, k * 53 % 256, k * 97 % 256)) for k in range(classes)]
+    for night in range(nights):
+        run_date = FIRST_NIGHT + dt.timedelta(days=night)
+        run_id = f"night-{run_date.isoformat()}"
+        begin_run(stats_root, run_id, run_date)
+        info = RunInfo(run_id, run_date, "generated", "1", "0" * 64, 512, 0.25, "gaussian", False)
+        tables = []
+        for index in range(images):
+            valid = int(side * side - rng.integers(0, side * side // 10))
+            counts = rng.multinomial(valid, rng.dirichlet(np.full(classes, 0.5)))
+            image = ImageInfo(f"scene{index:05d}", f"s3://archive/scene{index:05d}.tif", f"{index:064x}", "m2")
+            tables.append(image_class_table(image, info, class_infos, counts, counts * PIXEL_AREA))
+        write_image_rows(stats_root, run_id, run_date, "generated", {"image_class": pa.concat_tables(tables)})
+        compact(stats_root)
+    return class_infos

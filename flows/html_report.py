@@ -1,0 +1,249 @@
+"""The run report as one self-contained HTML page, `<root>/runs/<run id>.html`: it opens offline
+in any browser (styles inline, pictures as data URIs, charts as inline SVG, no script).
+
+Per image: its preview, its class areas as a table and a bar chart, its outputs, the time of
+each stage and the blocks taken over from an interrupted run; failed images with their whole
+reason; skipped ones. Then the run's totals and, from the statistics, a chart of each class's
+area over every night of the root (one line per class).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from pathlib import Path
+
+from flows.report import format_area
+from pipelines import storage
+
+THUMBNAIL = 320
+CHART_WIDTH, CHART_HEIGHT = 640, 240
+STAGES = ("ingest", "segment", "finalize", "record")
+
+
+def report_path(root: str, run_id: str) -> str:
+    return storage.join(root, "runs", f"{run_id}.html")
+
+
+def write_html_report(root: str, report: dict, path: str | None = None) -> str:
+    """Write the page for `report` (a run report, runs/<id>.json) and return where."""
+    path = path or report_path(root, report["run_id"])
+    storage.write_whole(path, render(root, report).encode())
+    return path
+
+
+def rebuild(root: str, run_id: str | None = None) -> str:
+    """The page of a run (default: the latest report in <root>/runs) written again from its
+    JSON report: `segpipe run`'s `<run id>.json`, or `segpipe segment`'s `<run id>-<image>.json`."""
+    runs = sorted(n for n in storage.list_names(storage.join(root, "runs")) if n.endswith(".json"))
+    if not runs:
+        from pipelines.errors import InputError
+
+        raise InputError(root, "has no run reports (runs/*.json): run segpipe run into it first")
+    name = f"{run_id}.json" if run_id else max(runs, key=lambda n: storage.stat(storage.join(root, "runs", n))[1])
+    if name not in runs:
+        from pipelines.errors import InputError
+
+        raise InputError(run_id, f"no run report of that id in {root} (there are: {', '.join(r[:-5] for r in runs)})")
+    report = json.loads(storage.read_bytes(storage.join(root, "runs", name)))
+    return write_html_report(root, report, storage.join(root, "runs", name[: -len(".json")] + ".html"))
+
+
+def render(root: str, report: dict) -> str:
+    colours = {c["name"]: tuple(c["color"]) for c in report.get("classes", [])}
+    images = report.get("images", {})
+    done = [name for name in report.get("done", []) if name in images]
+    parts = [HEAD.format(title=html.escape(f"segpipe run {report['run_id']}")),
+             f"<h1>segpipe run {html.escape(report['run_id'])}</h1>",
+             "<p class='summary'>" + html.escape(
+                 f"{report.get('run_date', '')} · model {report.get('model', '?')} {report.get('model_version', '')} · "
+                 f"{len(report.get('done', []))} done, {len(report.get('skipped', []))} skipped, "
+                 f"{len(report.get('failed', {}))} failed · {report.get('started', '')} – {report.get('finished', '')}")
+             + "</p>",
+             f"<p>archive <code>{html.escape(str(report.get('archive', '')))}</code>, output root "
+             f"<code>{html.escape(str(report.get('out', root)))}</code></p>"]
+    parts += totals_section(images, done, colours)
+    parts += history_section(root, colours)
+    if done:
+        parts.append("<h2>Images</h2>")
+    for name in done:
+        parts.append(image_section(root, name, images[name], report.get("blocks", {}).get(name, {}), colours))
+    if report.get("failed"):
+        parts.append("<h2>Failed</h2><ul class='failed'>")
+        parts += [f"<li data-uri='{html.escape(uri)}'><code>{html.escape(uri)}</code><pre>{html.escape(why)}</pre></li>"
+                  for uri, why in report["failed"].items()]
+        parts.append("</ul>")
+    if report.get("skipped"):
+        parts.append(f"<h2>Skipped (already done)</h2><p class='skipped'>{html.escape(', '.join(report['skipped']))}</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def totals_section(images: dict, done: list[str], colours: dict) -> list[str]:
+    totals: dict[tuple[str, str], float] = {}
+    for name in done:
+        entry = images[name]
+        for class_name, value in entry["classes"].items():
+            totals[class_name, entry["area_unit"]] = totals.get((class_name, entry["area_unit"]), 0.0) + value["area"]
+    if not totals:
+        return []
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td class='number'>{format_area(a, u)}</td></tr>"
+                   for (c, u), a in totals.items())
+    bars = bar_chart({c: a for (c, _), a in totals.items()}, colours)
+    return [f"<h2>Run totals</h2><div class='image'><table class='totals'><tr><th>class</th><th>area</th></tr>{rows}"
+            f"</table>{bars}</div>"]
+
+
+def history_section(root: str, colours: dict) -> list[str]:
+    """Each class's area in every run of the root's statistics (all its images), the runs in the
+    order of their dates."""
+    from pipelines.stats import read_table
+
+    try:
+        rows = read_table(storage.join(root, "stats"), "image_class").to_pylist()
+    except OSError:
+        return []
+    series: dict[tuple[str, str], dict[tuple[dt.date, str], float]] = {}
+    for row in rows:
+        per_run = series.setdefault((row["class_name"], row["area_unit"]), {})
+        run = (row["run_date"], row["run_id"])
+        per_run[run] = per_run.get(run, 0.0) + row["area"]
+    if not series:
+        return []
+    parts = ["<h2>Class areas over the nights</h2>"]
+    for unit in sorted({u for _, u in series}):
+        lines = {c: points for (c, u), points in series.items() if u == unit}
+        parts.append(line_chart(lines, colours, unit))
+    return parts
+
+
+def image_section(root: str, name: str, entry: dict, blocks: dict, colours: dict) -> str:
+    unit = entry["area_unit"]
+    valid = entry.get("valid_pixels") or 1
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td class='number'>{v['pixels']:,}</td>"
+        f"<td class='number'>{v['pixels'] / valid:.1%}</td><td class='number'>{format_area(v['area'], unit)}</td></tr>"
+        for c, v in entry["classes"].items())
+    stages = " · ".join(f"{stage} {entry['stages'][stage]:.2f} s" for stage in STAGES if stage in entry["stages"])
+    outputs = "".join(f"<li><a href='{html.escape(relative(root, o))}'>{html.escape(Path(o).name)}</a></li>"
+                      for o in entry["outputs"])
+    preview = next((o for o in entry["outputs"] if o.endswith("preview.png")), None)
+    picture = thumbnail(preview) if preview else None
+    figure = (f"<a href='{html.escape(relative(root, preview))}'><img alt='preview of {html.escape(name)}' "
+              f"src='{picture}'></a>") if picture else "<p>(no preview)</p>"
+    resumed = (f"<p>resumed: {blocks['resumed']} of {blocks['total']} blocks were done by an interrupted run</p>"
+               if blocks.get("resumed") else "")
+    return (f"<section class='image' data-image='{html.escape(name)}'><h3>{html.escape(name)}</h3>"
+            f"<div class='figure'>{figure}</div><div><p><code>{html.escape(entry['uri'])}</code> · {entry['kind']} "
+            f"{' x '.join(map(str, reversed(entry['shape'])))} · {entry['seconds']:.2f} s ({stages}) · "
+            f"{entry['tiles'] - entry['tiles_skipped']} tiles segmented, {entry['tiles_skipped']} skipped</p>{resumed}"
+            f"<table><tr><th>class</th><th>pixels</th><th>share</th><th>area</th></tr>{rows}</table>"
+            f"{bar_chart({c: v['pixels'] for c, v in entry['classes'].items()}, colours)}"
+            f"<ul class='outputs'>{outputs}</ul></div></section>")
+
+
+def relative(root: str, path: str) -> str:
+    """A link from <root>/runs/ to an output."""
+    if storage.is_remote(path):
+        return path
+    try:
+        return "../" + Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_uri()
+
+
+def thumbnail(path: str) -> str | None:
+    """The picture at `path`, at most THUMBNAIL pixels a side, as a PNG data URI."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as picture:
+            picture.thumbnail((THUMBNAIL, THUMBNAIL))
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+    except (OSError, ValueError):
+        return None
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def colour(colours: dict, name: str) -> str:
+    r, g, b = colours.get(name, (128, 128, 128))
+    return f"rgb({r},{g},{b})"
+
+
+def bar_chart(values: dict[str, float], colours: dict) -> str:
+    """Horizontal bars, one per class, lengths proportional to the values."""
+    top = max(values.values(), default=0) or 1
+    height = 22 * len(values) + 4
+    bars = []
+    for index, (name, value) in enumerate(values.items()):
+        width = 220 * value / top
+        y = 4 + 22 * index
+        bars.append(f"<rect x='100' y='{y}' width='{width:.1f}' height='16' fill='{colour(colours, name)}' "
+                    f"stroke='#444' stroke-width='0.5'><title>{html.escape(name)}: {value:,.6g}</title></rect>"
+                    f"<text x='96' y='{y + 12}' text-anchor='end'>{html.escape(name)}</text>")
+    return (f"<svg class='bars' role='img' width='340' height='{height}' viewBox='0 0 340 {height}' "
+            f"xmlns='http://www.w3.org/2000/svg'>{''.join(bars)}</svg>")
+
+
+def line_chart(lines: dict[str, dict[tuple[dt.date, str], float]], colours: dict, unit: str) -> str:
+    dates = sorted({d for points in lines.values() for d in points})
+    top = max((v for points in lines.values() for v in points.values()), default=0) or 1
+    left, bottom = 60, CHART_HEIGHT - 30
+
+    def x(day: dt.date) -> float:
+        if len(dates) == 1:
+            return (left + CHART_WIDTH - 20) / 2
+        return left + (CHART_WIDTH - left - 20) * dates.index(day) / (len(dates) - 1)
+
+    def y(value: float) -> float:
+        return bottom - (bottom - 10) * value / top
+
+    shapes = [f"<line x1='{left}' y1='{bottom}' x2='{CHART_WIDTH - 10}' y2='{bottom}' stroke='#444'/>",
+              f"<line x1='{left}' y1='10' x2='{left}' y2='{bottom}' stroke='#444'/>",
+              f"<text x='4' y='16'>{html.escape(format_area(top, unit))}</text>",
+              f"<text x='{left - 4}' y='{bottom + 4}' text-anchor='end'>0</text>",
+              *(f"<text x='{x(run):.1f}' y='{CHART_HEIGHT - 8}' text-anchor='{anchor}'>{html.escape(run_label(run))}"
+                f"</text>" for run, anchor in axis_runs(dates))]
+    for index, (name, points) in enumerate(sorted(lines.items())):
+        coordinates = " ".join(f"{x(d):.1f},{y(v):.1f}" for d, v in sorted(points.items()))
+        # A dark edge under each line and dot: a class coloured near white (cloud) stays visible.
+        shapes.append(f"<polyline points='{coordinates}' fill='none' stroke='#444' stroke-width='4'/>"
+                      f"<polyline class='series' data-class='{html.escape(name)}' points='{coordinates}' fill='none' "
+                      f"stroke='{colour(colours, name)}' stroke-width='2'><title>{html.escape(name)}</title></polyline>")
+        shapes += [f"<circle cx='{x(d):.1f}' cy='{y(v):.1f}' r='3' fill='{colour(colours, name)}' stroke='#444' "
+                   f"stroke-width='0.75'/>" for d, v in sorted(points.items())]
+        shapes.append(f"<rect x='{CHART_WIDTH - 22}' y='{14 + 16 * index}' width='10' height='10' "
+                      f"fill='{colour(colours, name)}' stroke='#444' stroke-width='0.5'/>"
+                      f"<text x='{CHART_WIDTH - 28}' y='{23 + 16 * index}' text-anchor='end'>{html.escape(name)}</text>")
+    return (f"<svg class='history' role='img' width='{CHART_WIDTH}' height='{CHART_HEIGHT}' "
+            f"viewBox='0 0 {CHART_WIDTH} {CHART_HEIGHT}' xmlns='http://www.w3.org/2000/svg'>{''.join(shapes)}</svg>")
+
+
+def run_label(run: tuple[dt.date, str]) -> str:
+    """A run on the time axis: its date, and its id where that is not the date."""
+    day, run_id = run
+    return str(day) if run_id == str(day) else f"{day} {run_id}"
+
+
+def axis_runs(runs: list) -> list[tuple]:
+    """The runs labelled under the time axis, with their text anchors: the first and the last."""
+    if len(runs) == 1:
+        return [(runs[0], "middle")]
+    return [(runs[0], "start"), (runs[-1], "end")]
+
+
+HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }}
+td.number {{ text-align: right; font-variant-numeric: tabular-nums; }}
+section.image, div.image {{ display: flex; gap: 1.5em; margin: 1em 0; padding-bottom: 1em; border-bottom: 1px solid #eee; }}
+svg text {{ font-size: 12px; fill: #222; }}
+pre {{ white-space: pre-wrap; background: #fbeeee; padding: 0.5em; }}
+</style></head><body>"""

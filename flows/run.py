@@ -1,0 +1,201 @@
+"""A run and its images, set up once for the CLI, the Prefect flow and the benchmarks.
+
+    run = prepare_run(model, out, options)      # card, options, regions, run id checked; nothing written
+    image = plan_image(run, uri)                # the source opened and checked against the card
+    with started(run) as run:                   # the output root locked, the run registered in the statistics
+        image = claim_folder(image)             # its folder's name in the root (flows.image_names)
+        ...                                     # flows.stages.run_image(...) for each image
+                                                # on leaving: pending statistics compacted, lock released
+
+The card's digest (it hashes the weights file) is computed once per run, each image's key
+(an S3 HEAD on object storage) once per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows import segpipe_version
+from flows.image_names import claim_name
+from flows.manifest import image_key, is_done
+from flows.options import RunOptions, load_run_card
+from flows.root_lock import root_lock, storage_problem
+from flows.work_folder import WorkFolder, remove_stale_work_folders
+from pipelines import storage
+from pipelines.errors import InputError
+from pipelines.model_card import ModelCard, builtin_card_names, load_card
+from pipelines.outputs import Output, outputs_left_out, resolve_outputs
+from pipelines.regions import load_regions
+from pipelines.sources import Source, open_source, resolve_bands
+from pipelines.stats import RunInfo, begin_run, compact, upgrade, validate_run_id
+from segworkers.tile_models import check_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    card: ModelCard
+    """The model card with the run's runtime overrides."""
+    card_digest: str
+    options: RunOptions
+    """Resolved against the card (RunOptions.resolved): no default left open."""
+    out_root: str
+    """A local folder or an s3:// prefix."""
+    run_id: str
+    output_settings: dict
+    """What goes into every image's manifest key besides the image and the card digest."""
+    run_date: dt.date | None = None
+    """Set once the run is started: the date of the run id's first start."""
+
+    @property
+    def stats_root(self) -> str:
+        return storage.join(self.out_root, "stats")
+
+    def provenance(self) -> dict[str, str]:
+        """What outputs record of where they come from."""
+        return {"model": self.card.name, "model_version": self.card.version, "model_digest": self.card_digest,
+                "run_id": self.run_id, "segpipe_version": segpipe_version()}
+
+    def run_info(self) -> RunInfo:
+        options = self.options
+        return RunInfo(self.run_id, self.run_date, self.card.name, self.card.version, self.card_digest,
+                       options.tile, options.overlap, options.blending, options.tta)
+
+
+def prepare_run(model: str, out: str | Path, options: RunOptions | None = None) -> Run:
+    """Load and check everything a run needs before it touches the output root: a bad card,
+    option, regions file or run id, weights that do not load or a model that does not answer
+    the card's tile with the card's classes stop it here, before any work."""
+    options = options or RunOptions()
+    card = load_run_card(model, options)
+    resolved = options.resolved(card)
+    digest = card.digest()
+    check_model(card, digest, resolved.tile)
+    if resolved.regions:
+        load_regions(resolved.regions, resolved.region_id)
+    run_id = validate_run_id(resolved.run_id or dt.date.today().isoformat())
+    return Run(card, digest, resolved, str(out), run_id, resolved.output_settings())
+
+
+@contextlib.contextmanager
+def started(run: Run) -> Iterator[Run]:
+    """Hold the output root's lock, fold rows an interrupted earlier run left pending (and bring
+    a statistics dataset of an older schema version to this one), register the run, drop work folders left behind by finished images; on a normal exit fold this
+    run's pending rows into its files."""
+    with root_lock(run.out_root, run.run_id):
+        try:
+            upgrade(run.stats_root)  # rows an interrupted run left pending, a dataset of an older version
+            run_date = begin_run(run.stats_root, run.run_id, dt.date.today())
+            remove_stale_work_folders(run.out_root, lambda key: is_done(run.out_root, key))
+        except OSError as exc:
+            raise storage_problem(run.out_root, exc) or exc
+        yield dataclasses.replace(run, run_date=run_date)
+        try:
+            compact(run.stats_root)
+        except OSError as exc:  # pending rows are read as they are, and the next run folds them
+            problem = storage_problem(run.out_root, exc) or exc
+            logger.warning("statistics left pending, not folded into the run's files: %s", problem)
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    """One image of a run: its source, the card's bands in it, its key, its name, what it writes."""
+
+    run: Run
+    source: Source
+    bands: tuple[int, ...]
+    """The card's bands resolved against this source (1-based indexes)."""
+    key: str
+    outputs: tuple[Output, ...]
+    name: str
+    """Its folder in the output root and its name in the statistics (flows.image_names): the
+    file's stem until `claim_folder` gives it the name claimed for it in the root."""
+    notes: tuple[str, ...] = ()
+    """One-line notes for the user on how the image is taken (not errors)."""
+
+    @property
+    def work(self) -> WorkFolder:
+        return WorkFolder(storage.join(self.run.out_root, ".work", f"{self.name}-{self.key[:12]}"))
+
+    @property
+    def output_dir(self) -> str:
+        return storage.join(self.run.out_root, self.name)
+
+    @property
+    def image_store(self) -> str:
+        """Where the model reads the image: the source itself when it is a store read in place,
+        else the store ingest writes."""
+        return self.source.in_place_store or self.work.image_store
+
+    @property
+    def store_bands(self) -> tuple[int, ...] | None:
+        """0-based channels of image_store the model reads; None when ingest kept only those."""
+        return tuple(b - 1 for b in self.bands) if self.source.in_place_store else None
+
+    @property
+    def nodata(self) -> float | None:
+        """The value that marks a pixel without data in every band: --nodata, else what the
+        source declares, else the card's input.nodata."""
+        for value in (self.run.options.nodata, self.source.nodata, self.run.card.nodata):
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def store_band_names(self) -> tuple[str | None, ...]:
+        """Names of the image store's channels: the source's own when it is read in place, else
+        (ingest kept the card's bands) the source's names of those bands, or the card's."""
+        names = self.source.band_names
+        if self.source.in_place_store:
+            return tuple(names)
+        return tuple((names[b - 1] if b - 1 < len(names) else None) or self.run.card.band_names[i]
+                     for i, b in enumerate(self.bands))
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return any(output.needs_probabilities for output in self.outputs)
+
+
+def plan_image(run: Run, uri: str | Path, key: str | None = None) -> ImageRun:
+    """Open the source and check it against the card before anything is written. `key`: the
+    image's manifest key when the caller has computed it already."""
+    source = open_source(uri, run.card)
+    pixels = math.prod(source.shape)
+    if pixels > run.options.max_pixels:
+        size = " x ".join(str(n) for n in reversed(source.shape))
+        raise InputError(source.uri, f"is {size} = {pixels:,} pixels, more than --max-pixels {run.options.max_pixels:,}; "
+                                     "give a larger --max-pixels if the image really is that big")
+    key = key or image_key(source.uri, run.card_digest, run.output_settings)
+    bands = resolve_bands(source, run.card)
+    return ImageRun(run, source, bands, key, resolve_outputs(run.options.outputs, source), source.stem,
+                    tuple(image_notes(source, run.card, bands, run.options.outputs)))
+
+
+def image_notes(source: Source, card: ModelCard, bands: tuple[int, ...], outputs: tuple[str, ...] = ()) -> list[str]:
+    notes = source.notes()
+    left_out = outputs_left_out(outputs, source)
+    if left_out:
+        notes.append(f"{source.uri} is a {len(source.shape)}D {source.kind}: no {', '.join(left_out)} for it (those "
+                     f"outputs are {'2D' if len(source.shape) == 3 else '3D'} only)")
+    if card.processing_level and source.processing_level and source.processing_level != card.processing_level:
+        fitting = [name for name in builtin_card_names() if load_card(name).processing_level == source.processing_level]
+        hint = f" (built-in cards for {source.processing_level}: {', '.join(fitting)})" if fitting else ""
+        notes.append(f"{source.uri} is tagged processing level {source.processing_level}, but card {card.name} is "
+                     f"made for {card.processing_level} data: its answer may be wrong{hint}")
+    if source.count > len(bands):
+        notes.append(f"{source.uri} has {source.count} bands; card {card.name} reads band(s) {', '.join(map(str, bands))}")
+    return notes
+
+
+def claim_folder(image: ImageRun) -> ImageRun:
+    """The image with the name it has in the output root (claimed now if it had none), with
+    the run's lock held: no two images share a folder, none lands on the root's own entries."""
+    return dataclasses.replace(image, name=claim_name(image.run.out_root, image.source.uri, image.source.stem))

@@ -1,0 +1,212 @@
+"""How well labels agree with a reference: per image and class IoU, Dice, precision, recall, and
+the confusion matrix, for a labels raster against a reference raster of the same grid.
+
+Pixels that are nodata (255) in either raster are left out. Both rasters are read in strips of
+rows (volumes: slices), so memory does not depend on the image size. Rasters are whatever GDAL
+reads (labels.tif, masks) or NIfTI volumes.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.errors import InputError
+
+NODATA = 255
+STRIP_PIXELS = 1 << 24
+NIFTI = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class Agreement:
+    image: str
+    confusion: np.ndarray
+    """confusion[reference class, predicted class], pixels counted where neither is nodata."""
+    class_names: tuple[str, ...]
+
+    def rows(self) -> list[dict]:
+        """One row per class: pixels, IoU, Dice, precision, recall (None where undefined)."""
+        rows = []
+        for index, name in enumerate(self.class_names):
+            true_positive = int(self.confusion[index, index])
+            reference = int(self.confusion[index].sum())
+            predicted = int(self.confusion[:, index].sum())
+            union = reference + predicted - true_positive
+            rows.append({
+                "image": self.image, "class_id": index, "class_name": name, "reference_pixels": reference,
+                "predicted_pixels": predicted, "true_positives": true_positive,
+                "iou": true_positive / union if union else None,
+                "dice": 2 * true_positive / (reference + predicted) if reference + predicted else None,
+                "precision": true_positive / predicted if predicted else None,
+                "recall": true_positive / reference if reference else None,
+            })
+        return rows
+
+
+SCHEMA = pa.schema([("image", pa.string()), ("class_id", pa.int16()), ("class_name", pa.string()),
+                    ("reference_pixels", pa.int64()), ("predicted_pixels", pa.int64()),
+                    ("true_positives", pa.int64()), ("iou", pa.float64()), ("dice", pa.float64()),
+                    ("precision", pa.float64()), ("recall", pa.float64())])
+
+
+def agreement_table(agreements: list[Agreement]) -> pa.Table:
+    return pa.Table.from_pylist([row for a in agreements for row in a.rows()], schema=SCHEMA)
+
+
+def confusion_table(agreements: list[Agreement]) -> pa.Table:
+    """The confusion matrices in long form: one row per image x reference class x predicted class."""
+    rows = [{"image": a.image, "reference_class_id": i, "reference_class": a.class_names[i], "predicted_class_id": j,
+             "predicted_class": a.class_names[j], "pixels": int(a.confusion[i, j])}
+            for a in agreements for i in range(len(a.class_names)) for j in range(len(a.class_names))]
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("image", pa.string()), ("reference_class_id", pa.int16()), ("reference_class", pa.string()),
+        ("predicted_class_id", pa.int16()), ("predicted_class", pa.string()), ("pixels", pa.int64())]))
+
+
+def overall(agreements: list[Agreement], name: str = "all images") -> Agreement:
+    """The agreement of every image together (their confusion matrices summed)."""
+    size = max(len(a.class_names) for a in agreements)
+    total = np.zeros((size, size), dtype=np.int64)
+    for a in agreements:
+        total[: len(a.class_names), : len(a.class_names)] += a.confusion
+    names = max((a.class_names for a in agreements), key=len)
+    return Agreement(name, total, names)
+
+
+# What an image's folder in an output root holds its labels in, by preference.
+LABEL_FILES = ("labels.tif", "labels.nii.gz")
+
+
+def pairs_to_evaluate(prediction: str, reference: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(image, prediction file, reference file) to compare, and notes on what was left out.
+
+    A labels file against a reference file; or an output root (a folder of image folders, each
+    with labels.tif or labels.nii.gz) against a folder of references matched by image name (the
+    same name, bare or with a suffix such as _mask; see pipelines.training_data)."""
+    from pipelines.training_data import label_files_by_stem, matching_label_file
+
+    path = Path(prediction)
+    if path.is_file():
+        if Path(reference).is_dir():
+            raise InputError(reference, f"is a folder; a labels file ({prediction}) is compared with one reference file")
+        name = path.parent.name if path.name.lower().startswith("labels.") else path.name.split(".")[0]
+        return [(name, prediction, reference)], []
+    if not path.is_dir():
+        raise InputError(prediction, "no such labels file or output root")
+    if not Path(reference).is_dir():
+        raise InputError(reference, f"must be a folder of references to compare with the output root {prediction}")
+    references = label_files_by_stem(reference)
+    pairs, notes = [], []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        labels = next((folder / name for name in LABEL_FILES if (folder / name).is_file()), None)
+        if labels is None:
+            continue
+        match = matching_label_file(folder.name, references)
+        if match is None:
+            notes.append(f"{folder.name}: no reference in {reference}, left out")
+            continue
+        pairs.append((folder.name, str(labels), match))
+    if not pairs:
+        raise InputError(prediction, f"has no image folder (with {' or '.join(LABEL_FILES)}) whose name matches a "
+                                     f"reference in {reference}")
+    return pairs, notes
+
+
+def evaluate(prediction: str | Path, reference: str | Path, image: str | None = None,
+             class_names: tuple[str, ...] | None = None) -> Agreement:
+    prediction, reference = str(prediction), str(reference)
+    with open_labels(prediction) as predicted, open_labels(reference) as truth:
+        if predicted.shape != truth.shape:
+            raise InputError(prediction, f"is {predicted.shape[::-1]} pixels, the reference {reference} "
+                                         f"{truth.shape[::-1]}: not the same grid")
+        if predicted.grid is not None and truth.grid is not None and predicted.grid != truth.grid:
+            raise InputError(prediction, f"is not on the grid of the reference {reference} (another CRS or transform)")
+        confusion = np.zeros((NODATA, NODATA), dtype=np.int64)
+        seen = 0
+        for a, b in zip(truth.strips(), predicted.strips()):
+            keep = (a != NODATA) & (b != NODATA)
+            keys = a[keep].astype(np.int64) * NODATA + b[keep]
+            confusion += np.bincount(keys, minlength=NODATA * NODATA).reshape(NODATA, NODATA)
+            seen = max(seen, int(a[keep].max(initial=0)) + 1, int(b[keep].max(initial=0)) + 1)
+    names = class_names or predicted.class_names or truth.class_names or ()
+    count = max(seen, len(names))
+    names = tuple(names) + tuple(f"class{i}" for i in range(len(names), count))
+    return Agreement(image or Path(prediction).parent.name, confusion[:count, :count], names)
+
+
+class open_labels:
+    """A label raster read in strips: GDAL for rasters, nibabel for NIfTI."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not Path(path).exists():
+            raise InputError(path, "no such file")
+
+    def __enter__(self):
+        if self.path.lower().endswith(NIFTI):
+            import nibabel as nib
+
+            try:
+                self.nifti = nib.load(self.path)
+            except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
+                raise InputError(self.path, f"not a readable NIfTI file ({exc})") from exc
+            self.shape = tuple(int(n) for n in self.nifti.shape[:3])
+            self.grid = tuple(np.round(self.nifti.affine, 6).ravel())
+            from pipelines.outputs.nifti_labels import SLICER_TABLE
+
+            self.class_names = slicer_table_names(Path(self.path).with_name(SLICER_TABLE))
+            return self
+        import rasterio
+        from rasterio.errors import RasterioError
+
+        try:
+            self.dataset = rasterio.open(self.path)
+        except RasterioError as exc:
+            raise InputError(self.path, f"not a readable raster ({exc})") from exc
+        self.shape = (self.dataset.height, self.dataset.width)
+        self.grid = (str(self.dataset.crs), tuple(self.dataset.transform)[:6]) if self.dataset.crs else None
+        self.class_names = category_names(self.path)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if hasattr(self, "dataset"):
+            self.dataset.close()
+
+    def strips(self):
+        if hasattr(self, "nifti"):
+            step = max(1, STRIP_PIXELS // (self.shape[0] * self.shape[1]))
+            for k in range(0, self.shape[2], step):
+                yield np.asarray(self.nifti.dataobj[..., k : k + step]).astype(np.int64).clip(0, NODATA)
+            return
+        rows = max(1, STRIP_PIXELS // self.shape[1])
+        for row in range(0, self.shape[0], rows):
+            window = ((row, min(row + rows, self.shape[0])), (0, self.shape[1]))
+            yield self.dataset.read(1, window=window).astype(np.int64).clip(0, NODATA)
+
+
+def slicer_table_names(table: Path) -> tuple[str, ...]:
+    """Class names from the 3D Slicer colour table segpipe writes beside labels.nii.gz
+    (lines "index name r g b a"), where it is there."""
+    if not table.is_file():
+        return ()
+    names = {}
+    for line in table.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and not line.startswith("#") and parts[0].isdigit():
+            names[int(parts[0])] = parts[1]
+    return tuple(names.get(i, f"class{i}") for i in range(max(names) + 1)) if names else ()
+
+
+def category_names(path: str) -> tuple[str, ...]:
+    """The class names of a labels.tif, from its GDAL sidecar (category names), if any."""
+    sidecar = Path(f"{path}.aux.xml")
+    if not sidecar.is_file():
+        return ()
+    band = ElementTree.parse(sidecar).getroot().find("PAMRasterBand")
+    categories = band.find("CategoryNames") if band is not None else None
+    return tuple(c.text or "" for c in categories) if categories is not None else ()

@@ -1,0 +1,215 @@
+"""Every kind of image segpipe reads, behind one small protocol, and the registry that picks one.
+
+    source = open_source(uri, card)          # the kind chosen, the file opened and checked
+    source.shape, source.count, source.dtype, source.nodata, source.band_names
+    source.read(bands, box)                  # (len(bands), *box.shape) pixels
+    source.pixel_areas()                     # physical area per pixel row, and its unit
+    source.background_mask()                 # where there is something to segment, if the source knows better than nodata
+    source.labels_output                     # the output its labels are written as by default
+
+A source kind is one module in this package with a `Source` subclass and one `SourceKind`
+entry in KINDS. The registry chooses the kind by, in this order:
+  1. a store format read in place, by its suffix (`.zarr`): nothing else can read it;
+  2. the model card: a 3D card reads volumes, a card with `input.mpp` (µm per pixel) slides;
+  3. the suffix (`.nii.gz` a volume, `.svs` a slide, ...);
+  4. the content, where several kinds claim the suffix (a `.tif` with a CRS is a scene, without
+     one a plain image) or none does (anything GDAL opens).
+Nothing outside this package asks which kind a source is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.areas import PixelAreas, pixel_areas
+from pipelines.errors import InputError
+from pipelines.model_card import ModelCard
+from pipelines.tiling import Box
+
+
+class Source:
+    """An image opened for segmentation. Subclasses are frozen dataclasses that set these
+    attributes; the defaults below hold for sources without georeferencing or physical size."""
+
+    kind: ClassVar[str]
+    labels_output: ClassVar[str]
+    """The name of the output (pipelines.outputs) the labels of this kind are written as by default."""
+    uri: str
+    shape: tuple[int, ...]
+    """Spatial shape: (H, W), or (D, H, W) for volumes."""
+    count: int
+    """Bands (channels)."""
+    dtype: str
+    """The dtype `read` returns."""
+    nodata: float | None
+    """The value `read` puts where a band has no data (NaN for float data), or None."""
+    band_names: tuple[str | None, ...] = ()
+    crs_wkt: str | None = None
+    transform: tuple[float, ...] | None = None
+    """Affine coefficients (a, b, c, d, e, f) from pixel to map coordinates, for georeferenced sources."""
+    pixel_size: tuple[tuple[float, str], ...] | None = None
+    """(size, unit) per spatial axis where the source has a physical pixel size (OME-Zarr metadata)."""
+    in_place_store: str | None = None
+    """A Zarr array (channel, *spatial) the model reads directly: no ingest."""
+    processing_level: str | None = None
+    """The product level the file is tagged with (Sentinel-2 "L1C", "L2A"), when it says."""
+    full_resolution_factor: float = 1.0
+    """Full-resolution pixels per pixel segmented (a slide read from a coarser level: its
+    downsample), for outputs in the coordinates of the full-resolution image."""
+
+    @property
+    def stem(self) -> str:
+        return image_stem(self.uri)
+
+    def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
+        """(len(bands), *box.shape) pixels; bands are 1-based as in the card."""
+        raise NotImplementedError
+
+    def pixel_areas(self) -> PixelAreas:
+        """Physical area (volume) of one pixel in each row along the first axis."""
+        return pixel_areas(None, (1, 0, 0, 0, -1, 0), self.shape[0])
+
+    def holds_data(self, box: Box) -> bool:
+        """False where the source stores nothing at all (a sparse file's absent tiles): ingest
+        neither reads nor writes there, and it is background."""
+        return True
+
+    def notes(self) -> list[str]:
+        """One-line notes on how the source is taken, for the user (not errors)."""
+        if self.pixel_areas().unit == "px":
+            return [f"{self.uri} gives no physical pixel size: areas are counted in pixels (px)"]
+        return []
+
+    def background_mask(self) -> np.ndarray | None:
+        """A mask of background.FACTOR-sized cells holding something to segment, for sources whose
+        background is not marked by nodata (slides: glass); None to take it from nodata at ingest."""
+        return None
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    open: Callable[[str, ModelCard], Source]
+    suffixes: tuple[str, ...] = ()
+    """File (or folder) name endings of this kind, lower case."""
+    wanted_by_card: Callable[[ModelCard], bool] = lambda card: False
+    read_in_place: bool = False
+    """A store format the model reads where it is; its suffix decides before the card does."""
+    recognises: Callable[[str], bool] | None = None
+    """Whether the file's content is of this kind, asked where the suffix does not decide."""
+
+
+def choose_kind(uri: str, card: ModelCard) -> SourceKind:
+    name = uri.rstrip("/").lower()
+    if stac.is_stac(name):
+        name = name.partition(stac.FRAGMENT)[0]
+    by_suffix = [kind for kind in KINDS if name.endswith(kind.suffixes)]
+    for kind in by_suffix:
+        if kind.read_in_place:
+            return kind
+    for kind in KINDS:
+        if kind.wanted_by_card(card):
+            return kind
+    if len(by_suffix) == 1:
+        return by_suffix[0]
+    candidates = by_suffix or [kind for kind in KINDS if kind.recognises]
+    # None recognising it: the first kind opens it and says what is wrong.
+    return next((kind for kind in candidates if kind.recognises and kind.recognises(uri)), candidates[0])
+
+
+def open_source(uri: str | Path, card: ModelCard) -> Source:
+    """Open `uri` as the kind the registry chooses and check it against the card's bands."""
+    uri = str(uri).rstrip("/")
+    source = choose_kind(uri, card).open(uri, card)
+    bands = resolve_bands(source, card)
+    if max(bands) > source.count or min(bands) < 1:
+        raise InputError(uri, f"has {source.count} band(s) but model card {card.source} needs bands {list(bands)}")
+    return source
+
+
+def image_stem(uri: str) -> str:
+    """The image's name without its format suffix (a STAC item's: its id)."""
+    if stac.is_stac(uri):
+        return stac.item_stem(uri)
+    name = Path(uri.rstrip("/")).name
+    for suffix in _STEM_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def resolve_bands(source: Source, card: ModelCard) -> tuple[int, ...]:
+    """The card's bands as 1-based indexes of this source; names match its band names (any case)."""
+    names = [(name or "").lower() for name in source.band_names]
+    indexes = []
+    for band in card.bands:
+        if isinstance(band, int):
+            indexes.append(band)
+        elif band.lower() in names:
+            indexes.append(names.index(band.lower()) + 1)
+        else:
+            known = ", ".join(n for n in source.band_names if n) or "none"
+            raise InputError(source.uri, f"has no band named '{band}' (its band names: {known}) that card {card.source} asks for")
+    return tuple(indexes)
+
+
+def local_copy(uri: str) -> str:
+    """Readers that need a seekable local file get an s3:// object copied once into a cache
+    folder keyed by its URI and ETag (GDAL reads scenes over /vsis3/ directly)."""
+    if not storage.is_remote(uri):
+        return uri
+    size, version = storage.stat(uri)
+    key = hashlib.sha256(f"{uri}|{size}|{version}".encode()).hexdigest()[:24]
+    target = Path(tempfile.gettempdir()) / "segpipe-cache" / key / Path(uri).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        storage.get_file(uri, partial)
+        partial.replace(target)
+    return str(target)
+
+
+# Last: the kind modules import the protocol and helpers above.
+from pipelines.sources import stac  # noqa: E402
+
+
+def _kinds() -> tuple[SourceKind, ...]:
+    from pipelines.sources import image, scene, slide, volume, zarr_image
+
+    return (zarr_image.KIND, stac.KIND, volume.KIND, slide.KIND, scene.KIND, image.KIND)
+
+
+KINDS: tuple[SourceKind, ...] = _kinds()
+ARCHIVE_SUFFIXES = tuple(dict.fromkeys(s for kind in KINDS if not kind.read_in_place for s in kind.suffixes))
+"""The files discovery lists in an archive folder or prefix."""
+ARCHIVE_FOLDER_SUFFIXES = tuple(dict.fromkeys(s for kind in KINDS if kind.read_in_place for s in kind.suffixes))
+"""The folders discovery lists there: stores read in place (Zarr)."""
+_STEM_SUFFIXES = sorted({".ome.zarr", *(s for kind in KINDS for s in kind.suffixes)},
+                        key=len, reverse=True)
+
+
+def list_archive(archive: str | Path) -> list[str]:
+    """The images of an archive: a folder, an s3:// prefix or a glob (pipelines.storage.list_images),
+    or a STAC catalogue, collection or item collection (its items). STAC documents among the
+    files are read for what they are (stac.items_among)."""
+    if stac.is_stac(str(archive)):
+        return stac.list_items(str(archive))
+    return stac.items_among(storage.list_images(archive, ARCHIVE_SUFFIXES, ARCHIVE_FOLDER_SUFFIXES))
+
+
+def source_identity(uri: str) -> dict:
+    """What makes an image the same image tomorrow, for its manifest key: its URI, size and
+    modification time or ETag (a Zarr store's by its root metadata document; a STAC item's by
+    its id and assets)."""
+    if stac.is_stac(uri):
+        return stac.stac_identity(uri)
+    uri = uri.rstrip("/")
+    size, version = storage.stat(f"{uri}/zarr.json" if uri.endswith(".zarr") else uri)
+    return {"uri": uri if storage.is_remote(uri) else str(Path(uri).resolve()), "size": size, "version": version}

@@ -1,0 +1,234 @@
+"""Scenes: GeoTIFF / COG and anything else GDAL reads with a CRS, through rasterio.
+
+Only URIs cross function boundaries: a rasterio handle is not thread-safe, so every reader
+thread opens its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipelines.areas import PixelAreas, pixel_areas
+from pipelines.errors import InputError
+from pipelines.model_card import ModelCard, processing_level
+from pipelines.sources import Source, SourceKind
+from pipelines.storage import exists, rasterio_env
+from pipelines.tiling import Box
+
+# GDAL's block cache defaults to 5% of RAM per process; a fixed bound keeps a worker's memory
+# independent of the machine and of the image.
+GDAL_OPTIONS = {"GDAL_CACHEMAX": 256}
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    uri: str
+    height: int
+    width: int
+    count: int
+    dtype: str
+    crs_wkt: str | None
+    transform: tuple[float, ...]
+    """Affine coefficients (a, b, c, d, e, f) as rasterio orders them."""
+    nodata: float | None
+    band_names: tuple[str | None, ...] = ()
+    """The bands' descriptions, where the file has them."""
+    has_mask: bool = False
+    """The file carries a mask (an internal or sidecar mask band, or alpha) beyond nodata."""
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
+    block_shape: tuple[int, int] = (1, 1)
+    """(rows, cols) of the file's internal blocks (tiles or strips)."""
+    processing_level: str | None = None
+    """From a PROCESSING_LEVEL (or processing:level) metadata tag, e.g. "L1C"."""
+
+    @functools.cached_property
+    def absent_blocks(self) -> frozenset[tuple[int, int]]:
+        """(block row, block col) of the blocks a sparse GeoTIFF does not store: no data there.
+        Looked up when first needed, not when the file is opened: a header claiming 10^12 pixels
+        is refused (--max-pixels) before its millions of blocks are walked."""
+        with rasterio_env(self.uri), rasterio.open(self.uri) as src:
+            return absent_blocks(src)
+
+    @property
+    def scaled(self) -> bool:
+        return any(s != 1 for s in self.scales) or any(o != 0 for o in self.offsets)
+
+    @property
+    def pixel_dtype(self) -> str:
+        """What read_region returns: float32 once scale/offset are applied."""
+        return "float32" if self.scaled else self.dtype
+
+    @property
+    def pixel_nodata(self) -> float | None:
+        """The value read_window puts in masked or nodata pixels. A sparse file without a nodata
+        value has 0 as its nodata: GDAL reads the blocks it does not store as 0."""
+        if self.scaled:
+            return float("nan") if (self.nodata is not None or self.has_mask or self.absent_blocks) else None
+        if (self.has_mask or self.absent_blocks) and self.nodata is None:
+            return 0
+        return self.nodata
+
+    def holds_data(self, box: Box) -> bool:
+        """False when every block of the file under `box` is absent (sparse)."""
+        if not self.absent_blocks:
+            return True
+        (row0, col0), (row1, col1) = box.start, box.stop
+        rows, cols = self.block_shape
+        return any((r, c) not in self.absent_blocks
+                   for r in range(row0 // rows, -(-row1 // rows)) for c in range(col0 // cols, -(-col1 // cols)))
+
+
+def inspect_raster(uri: str | Path) -> RasterInfo:
+    uri = str(uri)
+    if not exists(uri):
+        raise InputError(uri, "no such file")
+    try:
+        with rasterio_env(uri), rasterio.open(uri) as src:
+            if src.crs is None:
+                raise InputError(uri, "has no coordinate reference system: a scene must be georeferenced")
+            return RasterInfo(
+                uri=uri,
+                height=src.height,
+                width=src.width,
+                count=src.count,
+                dtype=src.dtypes[0],
+                crs_wkt=src.crs.to_wkt() if src.crs else None,
+                transform=tuple(src.transform)[:6],
+                nodata=src.nodata,
+                band_names=tuple(src.descriptions),
+                has_mask=any(
+                    MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in src.mask_flag_enums
+                ),
+                scales=tuple(src.scales),
+                offsets=tuple(src.offsets),
+                block_shape=tuple(src.block_shapes[0]),
+                processing_level=tagged_processing_level(src.tags()),
+            )
+    except RasterioError as exc:
+        raise InputError(uri, f"not a readable raster ({exc})") from exc
+
+
+def tagged_processing_level(tags: dict) -> str | None:
+    """The value of a PROCESSING_LEVEL / processing:level tag (any spelling), as "L1C", "L2A"."""
+    for key, value in tags.items():
+        if re.sub(r"[^a-z]", "", key.lower()) == "processinglevel" and value:
+            return processing_level(value)
+    return None
+
+
+def absent_blocks(src) -> frozenset[tuple[int, int]]:
+    """The blocks a sparse GeoTIFF does not store in any band (GDAL's SPARSE_OK files: a header
+    may describe 100000 x 100000 pixels of which a few tiles exist). Other formats: none."""
+    if src.driver != "GTiff":
+        return frozenset()
+    rows, cols = src.block_shapes[0]
+    bands = [1] if src.interleaving and src.interleaving.name == "PIXEL" else list(range(1, src.count + 1))
+    return frozenset(
+        (r, c) for r in range(-(-src.height // rows)) for c in range(-(-src.width // cols))
+        if not any(src.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=b) for b in bands)
+    )
+
+
+def read_window(info: RasterInfo, bands: tuple[int, ...], box: Box) -> np.ndarray:
+    """Read bands x box (2D) of the scene: the file's scale and offset applied, masked and
+    nodata pixels set to info.pixel_nodata. Raises InputError on a corrupt or truncated file."""
+    (row0, col0), (row1, col1) = box.start, box.stop
+    window = Window(col0, row0, col1 - col0, row1 - row0)
+    try:
+        with rasterio_env(info.uri), rasterio.Env(**GDAL_OPTIONS), rasterio.open(info.uri) as src:
+            pixels = src.read(list(bands), window=window)
+            if info.has_mask:
+                invalid = src.read_masks(list(bands), window=window).max(axis=0) == 0
+            elif info.nodata is not None:
+                invalid = np.all(pixels == info.nodata, axis=0)
+            else:
+                invalid = None
+    except RasterioError as exc:
+        raise InputError(info.uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc
+    if info.scaled:
+        shape = (-1, 1, 1)
+        scales = np.array([info.scales[b - 1] for b in bands], dtype=np.float32).reshape(shape)
+        offsets = np.array([info.offsets[b - 1] for b in bands], dtype=np.float32).reshape(shape)
+        pixels = pixels.astype(np.float32) * scales + offsets
+    if invalid is not None:
+        pixels[:, invalid] = info.pixel_nodata
+    return pixels
+
+
+@dataclass(frozen=True)
+class SceneSource(Source):
+    info: RasterInfo
+    kind = "scene"
+    labels_output = "labels-cog"
+
+    @property
+    def uri(self) -> str:
+        return self.info.uri
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.info.height, self.info.width
+
+    @property
+    def count(self) -> int:
+        return self.info.count
+
+    @property
+    def dtype(self) -> str:
+        return self.info.pixel_dtype
+
+    @property
+    def nodata(self) -> float | None:
+        return self.info.pixel_nodata
+
+    @property
+    def band_names(self) -> tuple[str | None, ...]:
+        return self.info.band_names
+
+    @property
+    def crs_wkt(self) -> str | None:
+        return self.info.crs_wkt
+
+    @property
+    def transform(self) -> tuple[float, ...]:
+        return self.info.transform
+
+    @property
+    def processing_level(self) -> str | None:
+        return self.info.processing_level
+
+    def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
+        return read_window(self.info, bands, box)
+
+    def holds_data(self, box: Box) -> bool:
+        return self.info.holds_data(box)
+
+    def pixel_areas(self) -> PixelAreas:
+        """m²: the pixel area for a projected CRS, each row's geodesic area for a geographic one."""
+        return pixel_areas(self.info.crs_wkt, self.info.transform, self.info.height)
+
+
+def open_scene(uri: str, card: ModelCard) -> SceneSource:
+    return SceneSource(inspect_raster(uri))
+
+
+def georeferenced(uri: str) -> bool:
+    """Whether GDAL opens the file and finds a coordinate reference system in it."""
+    try:
+        with rasterio_env(uri), rasterio.open(uri) as src:
+            return src.crs is not None
+    except RasterioError:
+        return False
+
+
+KIND = SourceKind("scene", open_scene, suffixes=(".tif", ".tiff"), recognises=georeferenced)

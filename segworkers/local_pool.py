@@ -1,0 +1,56 @@
+"""The pool interface of segworkers.actors without Ray: the model in this process, for work that
+does not need a cluster (segworkers.cluster.runs_in_driver, one small image). No Ray import:
+a command that runs its model here does not pay for it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from pipelines.model_card import ModelCard
+from segworkers.predictor import BlockJob, BlockPredictor, BlockResult
+
+# Small blocks (chips, slide regions) are segmented in groups of about this many batches of
+# tiles: a call per block would pay a round trip and a part-empty last batch each time.
+GROUP_BATCHES = 16
+
+
+class LocalPool:
+    """The pool's interface without Ray: one predictor in this process. The same predictor code,
+    threads, batches and groups as an actor's, so the same labels, byte for byte."""
+
+    def __init__(self, card: ModelCard, device: str = "cpu", batch_size: int = 4, threads: int = 2):
+        self.predictor = BlockPredictor(card, device=device, batch_size=batch_size, threads=threads)
+        self.group_tiles = GROUP_BATCHES * batch_size
+
+    def run(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None] = lambda i, r: None
+            ) -> list[BlockResult]:
+        results = []
+        for indexes in block_groups(jobs, self.group_tiles):
+            for index, result in zip(indexes, self.predictor.segment_group([jobs[i] for i in indexes])):
+                results.append(result)
+                on_block_done(index, result)
+        return results
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "LocalPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def block_groups(jobs: list[BlockJob], group_tiles: int) -> list[list[int]]:
+    """Indexes of the jobs in groups of consecutive jobs of at most `group_tiles` tiles together
+    (a job with more is a group of its own)."""
+    groups: list[list[int]] = []
+    tiles = 0
+    for index, job in enumerate(jobs):
+        if groups and tiles + len(job.tiles) <= group_tiles:
+            groups[-1].append(index)
+            tiles += len(job.tiles)
+        else:
+            groups.append([index])
+            tiles = len(job.tiles)
+    return groups

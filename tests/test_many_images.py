@@ -1,0 +1,83 @@
+"""Many small images at model speed without changing a byte: a night's images go through the
+stages in batches whose blocks share the model's batches, and small work runs in the driver
+without Ray; each image's outputs and statistics are those it gets segmented alone on a Ray
+actor, block by block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import rasterio
+
+from flows.archive_flow import image_batches, run_night
+from flows.cli import main
+from flows.options import RunOptions
+from flows.synthetic import write_small_net_card, write_tiled_scene
+from pipelines.stats import read_table
+
+# Sizes that give images of one block and of several, edge tiles flush with odd borders, and
+# an image smaller than a tile (mirrored out to it).
+SIDES = (40, 64, 150, 200, 97)
+RUN_ID = "night"
+COMPARED = ("image", "class_id", "pixel_count", "valid_pixels", "area", "area_unit", "model_digest")
+
+
+def write_archive(folder: Path) -> list[Path]:
+    big = write_tiled_scene(folder.parent / "tiled.tif", 512)
+    folder.mkdir()
+    paths = []
+    with rasterio.open(big) as src:
+        for index, side in enumerate(SIDES):
+            window = ((index * 37, index * 37 + side), (index * 53, index * 53 + side))
+            profile = {**src.profile, "width": side, "height": side, "transform": src.window_transform(window)}
+            profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
+            path = folder / f"chip-{index}.tif"
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(src.read(window=window))
+            paths.append(path)
+    return paths
+
+
+def rows_of(root: Path, image: str) -> list[tuple]:
+    table = read_table(root / "stats", "image_class")
+    table = table.filter(pc.equal(table["image"], image)).sort_by("class_id")
+    return list(zip(*(table[column].to_pylist() for column in COMPARED)))
+
+
+def test_a_night_of_small_images_gives_the_bytes_each_gives_alone_on_an_actor(ray_cluster, prefect_server, tmp_path):
+    images = write_archive(tmp_path / "archive")
+    card = write_small_net_card(tmp_path, tile=64)
+    options = ["--block", "128", "--run-id", RUN_ID]
+
+    night = tmp_path / "night"
+    report = run_night(str(tmp_path / "archive"), str(card), str(night), RunOptions(block=128, run_id=RUN_ID))
+    assert sorted(report["done"]) == sorted(path.stem for path in images)
+
+    alone, local = tmp_path / "alone", tmp_path / "local"
+    for path in images:  # each on a Ray actor of its own, its blocks one group
+        assert main(["segment", str(path), "--model", str(card), "--out", str(alone), "--workers", "1", *options]) == 0
+        assert main(["segment", str(path), "--model", str(card), "--out", str(local), *options]) == 0  # in the driver
+
+    for path, side in zip(images, SIDES):
+        name = path.stem
+        reference = (night / name / "labels.tif").read_bytes()
+        for root in (alone, local):
+            assert (root / name / "labels.tif").read_bytes() == reference, f"{name}: labels differ in {root.name}"
+            assert (root / name / "preview.png").read_bytes() == (night / name / "preview.png").read_bytes()
+            assert rows_of(root, name) == rows_of(night, name), f"{name}: statistics differ in {root.name}"
+        with rasterio.open(night / name / "labels.tif") as labels:
+            assert labels.shape == (side, side)
+            assert np.isin(labels.read(1), [0, 1, 2, 3]).all(), "every pixel labelled (no nodata in these chips)"
+
+
+def test_images_go_through_the_stages_in_batches_bounded_in_pixels_and_images(tmp_path):
+    class Image:
+        def __init__(self, side):
+            self.source = type("Source", (), {"shape": (side, side)})()
+
+    sides = [512] * 40 + [4096, 100, 5000, 100]
+    batches = image_batches([Image(side) for side in sides])
+    assert [len(batch) for batch in batches] == [32, 8, 1, 1, 1, 1]
+    assert sum(len(batch) for batch in batches) == len(sides)
