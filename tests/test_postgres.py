@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from test_schedules import (
-    BIN, NIGHTLY, delete_deployment, free_port, prefect_client, prefect_env, read_deployment, start, stop, tail,
-    wait_for,
+    BIN, NIGHTLY, api_healthy, delete_deployment, free_port, prefect_client, prefect_env, read_deployment, start,
+    stop, tail, wait_for,
 )
 
 POSTGRES_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None) \
@@ -73,16 +73,7 @@ def prefect_on_postgres(postgres, tmp_path_factory):
     server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log, env,
                    home)
     try:
-        import urllib.request
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as reply:
-                    return reply.status == 200
-            except OSError:
-                return False
-
-        wait_for(healthy, 180, "prefect server on PostgreSQL", log, server)
+        wait_for(lambda: api_healthy(port), 180, "prefect server on PostgreSQL", log, server)
         yield f"http://127.0.0.1:{port}/api"
     finally:
         stop(server)

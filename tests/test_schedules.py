@@ -86,6 +86,15 @@ def wait_for(condition, timeout_s: float, what: str, log: Path, process: subproc
     pytest.fail(f"{what}: not within {timeout_s} s:\n{tail(log)}")
 
 
+def api_healthy(port: int) -> bool:
+    """Whether the Prefect server on this loopback port answers its health check."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
 def prefect_env(home: Path, **extra: str) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     return env | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -108,15 +117,8 @@ def prefect_api(tmp_path_factory):
     server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                    log, env, home)
     try:
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as reply:
-                    return reply.status == 200
-            except OSError:
-                return False
-
         started = time.monotonic()
-        wait_for(healthy, 120, "prefect server health", log, server)
+        wait_for(lambda: api_healthy(port), 120, "prefect server health", log, server)
         print(f"prefect server up in {time.monotonic() - started:.1f} s")
         yield f"http://127.0.0.1:{port}/api"
     finally:
