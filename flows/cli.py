@@ -36,16 +36,24 @@ EXIT_BAD_INPUT = 2
 DEMO_CARD = "s2-cloud-l1c"
 
 
+def add_loudness(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress bars or notes: results and errors only")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also Prefect's and Ray's own messages (banners, task logs, workers' output)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segpipe", description="Segment huge images with semantic segmentation networks.")
     parser.add_argument("--version", action="version", version=f"segpipe {segpipe_version()}")
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: results and errors only")
-    loudness.add_argument("-v", "--verbose", action="store_true",
-                          help="also Prefect's and Ray's own messages (banners, task logs, workers' output)")
+    add_loudness(parser, default=False)
+    # -q / -v also after the command (`segpipe run ... -q`); there they only override when given.
+    loudness = argparse.ArgumentParser(add_help=False)
+    add_loudness(loudness, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    segment = commands.add_parser("segment", help="segment one image")
+    segment = commands.add_parser("segment", parents=[loudness], help="segment one image")
     segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack "
                                      "volume, a Zarr / OME-Zarr array")
     segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
@@ -53,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(segment, archive=False)
     segment.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
-    run = commands.add_parser("run", help="segment every new image of an archive (a Prefect flow; resumable)")
+    run = commands.add_parser("run", parents=[loudness],
+        help="segment every new image of an archive (a Prefect flow; resumable)")
     run.add_argument("archive", help="a folder, a glob ('scenes/2026-*/*.tif') or an s3:// prefix")
     run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
     run.add_argument("--out", required=True, help="output root (a folder or an s3:// prefix): images, statistics, manifest")
     add_run_options(run, archive=True)
     run.add_argument("--json", action="store_true", help="print the run report as one JSON object on stdout")
 
-    deploy = commands.add_parser("deploy", help="serve the run on a schedule against a Prefect server")
+    deploy = commands.add_parser("deploy", parents=[loudness],
+        help="serve the run on a schedule against a Prefect server")
     deploy.add_argument("archive", help="a folder, a glob or an s3:// prefix")
     deploy.add_argument("--model", required=True, help="model card: a YAML path or a built-in name")
     deploy.add_argument("--out", required=True, help="output root")
@@ -69,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--name", default="nightly", help="deployment name (default nightly)")
     add_run_options(deploy, archive=True)
 
-    train = commands.add_parser("train", help="train a network on labelled images into a model card (Ray Train)")
+    train = commands.add_parser("train", parents=[loudness],
+        help="train a network on labelled images into a model card (Ray Train)")
     train.add_argument("--images", required=True, help="an image, or a folder / glob / s3:// prefix of images")
     train.add_argument("--labels", required=True,
                        help="its label raster (class ids, 255 = not labelled; a slide: QuPath GeoJSON annotations), "
@@ -80,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_field_options(train, TrainingOptions)
     train.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
-    evaluate = commands.add_parser("evaluate", help="IoU, Dice, precision, recall and confusion of labels against a "
+    evaluate = commands.add_parser("evaluate", parents=[loudness],
+        help="IoU, Dice, precision, recall and confusion of labels against a "
                                                     "reference")
     evaluate.add_argument("prediction", help="a labels raster (labels.tif, labels.nii.gz), or an output root")
     evaluate.add_argument("--reference", required=True,
@@ -90,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="output format (default table)")
     evaluate.add_argument("--out", help="also write evaluation.parquet (per image x class) and confusion.parquet here")
 
-    report = commands.add_parser("report", help="write a run's HTML report again (<root>/runs/<run id>.html)")
+    report = commands.add_parser("report", parents=[loudness],
+        help="write a run's HTML report again (<root>/runs/<run id>.html)")
     report.add_argument("root", help="an output root (local folder or s3:// prefix)")
     report.add_argument("--run-id", help="the run (default: the latest report in the root)")
 
-    stats = commands.add_parser("stats", help="areas by class, image, region or run date from an output root's statistics")
+    stats = commands.add_parser("stats", parents=[loudness],
+        help="areas by class, image, region or run date from an output root's statistics")
     stats.add_argument("root", help="an output root (local folder or s3:// prefix) or its stats/ folder")
     stats.add_argument("--by", default="class",
                        help="comma-separated grouping: class, image, region, run_date, run_id, model (default: class)")
@@ -112,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--sql", help="a DuckDB query over the views image_class, block_class, region_class")
     stats.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
 
-    models = commands.add_parser("models", help="the model zoo")
+    models = commands.add_parser("models", parents=[loudness], help="the model zoo")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    models_list = models_commands.add_parser("list", help="registry architectures with parameter counts, and built-in cards")
+    models_list = models_commands.add_parser("list", parents=[loudness],
+        help="registry architectures with parameter counts, and built-in cards")
     models_list.add_argument("--classes", type=int, default=21, help="classes to count parameters for (default 21)")
     models_list.add_argument("--bands", type=int, default=3, help="input bands to count parameters for (default 3)")
 
@@ -123,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="throughput of the worker plane: model alone, segment stage, end to end, MONAI, CPU actor "
                              "scaling (segpipe bench --help)").add_argument("bench_args", nargs=argparse.REMAINDER)
 
-    demo = commands.add_parser("demo", help="run the Prefect flow on the bundled Sentinel-2 demo archive")
+    demo = commands.add_parser("demo", parents=[loudness],
+        help="run the Prefect flow on the bundled Sentinel-2 demo archive")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="demo folder (default: demo-output)")
     return parser
 

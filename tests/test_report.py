@@ -121,3 +121,11 @@ def test_version_quiet_and_json(ray_cluster, sentinel_scene, tmp_path, capsys):
     assert summary["image"] == "sentinel2_scene" and sum(v["pixels"] for v in summary["classes"].values()) == 60000
     assert Path(summary["report"]).is_file() and summary["report"].endswith("-sentinel2_scene.html")
     assert captured.err.strip() == "", "quiet: nothing but results and errors"
+
+    # -q and -v also work after the command, as users type them.
+    assert main(["segment", str(sentinel_scene), "--model", "s2-cloud-l1c", "--out", str(tmp_path / "q2"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "" and "sentinel2_scene" in captured.out
+    with pytest.raises(SystemExit) as done:
+        main(["stats", str(tmp_path / "q2"), "-q", "-v"])
+    assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
