@@ -38,14 +38,17 @@ def small_unet():
     return models.create("unet_padded", num_classes=3, in_channels=6, base_features=8, depth=2).eval()
 
 
+def write_registry_card(folder, net):
+    """The network's state dict and a registry card for it (the reference the other formats match)."""
+    torch.save(net.state_dict(), folder / "unet.pt")
+    return write_card(folder / "registry.yaml", format="registry", weights="unet.pt",
+                      architecture="unet_padded", architecture_options={"base_features": 8, "depth": 2})
+
+
 def test_registry_and_torchscript_cards_give_the_same_labels(ray_cluster, sentinel_scene, tmp_path):
     net = small_unet()
-    torch.save(net.state_dict(), tmp_path / "unet.pt")
     torch.jit.trace(net, torch.zeros(2, 6, 64, 64)).save(str(tmp_path / "unet.ts"))
-    registry_card = write_card(
-        tmp_path / "registry.yaml", format="registry", weights="unet.pt",
-        architecture="unet_padded", architecture_options={"base_features": 8, "depth": 2},
-    )
+    registry_card = write_registry_card(tmp_path, net)
     script_card = write_card(tmp_path / "script.yaml", format="torchscript", weights="unet.ts")
 
     from_registry = segment(sentinel_scene, registry_card, tmp_path / "registry")
@@ -57,14 +60,10 @@ def test_registry_and_torchscript_cards_give_the_same_labels(ray_cluster, sentin
 
 def test_a_torch_export_program_gives_the_labels_of_its_network(ray_cluster, sentinel_scene, tmp_path):
     net = small_unet()
-    torch.save(net.state_dict(), tmp_path / "unet.pt")
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(net, (torch.zeros(2, 6, 64, 64),), dynamic_shapes=({0: batch},))
     torch.export.save(program, tmp_path / "unet.pt2")
-    registry_card = write_card(
-        tmp_path / "registry.yaml", format="registry", weights="unet.pt",
-        architecture="unet_padded", architecture_options={"base_features": 8, "depth": 2},
-    )
+    registry_card = write_registry_card(tmp_path, net)
     exported_card = write_card(tmp_path / "exported.yaml", format="export", weights="unet.pt2")
 
     from_registry = segment(sentinel_scene, registry_card, tmp_path / "registry")
