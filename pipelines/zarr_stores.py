@@ -82,6 +82,9 @@ def ingest_source(
         on_block_done(box)
 
     blocks = block_partition(source.shape, (block,) * dims)
+    if len(blocks) == 1:  # a small image: dask's scheduling would cost more than the copy
+        copy_block(blocks[0])
+        return mask
     dask.compute(*[dask.delayed(copy_block)(box) for box in blocks], scheduler="threads", num_workers=max_threads)
     return mask
 

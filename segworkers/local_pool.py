@@ -4,6 +4,7 @@ a command that runs its model here does not pay for it."""
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from pipelines.model_card import ModelCard
@@ -21,9 +22,16 @@ class LocalPool:
     def __init__(self, card: ModelCard, device: str = "cpu", batch_size: int = 4, threads: int = 2):
         self.predictor = BlockPredictor(card, device=device, batch_size=batch_size, threads=threads)
         self.group_tiles = GROUP_BATCHES * batch_size
+        # One caller at a time: the predictor's torch threads already fill the CPUs, and images
+        # in progress at once (segpipe run --concurrency) then do their other stages meanwhile.
+        self.lock = threading.Lock()
 
     def run(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None] = lambda i, r: None
             ) -> list[BlockResult]:
+        with self.lock:
+            return self.run_alone(jobs, on_block_done)
+
+    def run_alone(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None]) -> list[BlockResult]:
         results = []
         for indexes in block_groups(jobs, self.group_tiles):
             for index, result in zip(indexes, self.predictor.segment_group([jobs[i] for i in indexes])):

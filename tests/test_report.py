@@ -85,7 +85,7 @@ def test_the_html_report_loads_in_headless_chromium_with_every_image_and_number(
     for name in ("north", "south"):
         section = re.search(rf"<section class=\"image\" data-image=\"{name}\">(.*?)</section>", dom.stdout, re.S)
         assert section, f"no section for {name}"
-        assert re.search(r'<img alt="preview of ' + name + r'" src="data:image/png;base64,', section.group(1))
+        assert re.search(r'<img alt="preview of ' + name + r'" src="data:image/jpeg;base64,', section.group(1))
         for class_name, value in report["images"][name]["classes"].items():
             assert f"{value['pixels']:,}" in section.group(1), (name, class_name)
     assert "not a readable raster" in dom.stdout

@@ -26,7 +26,11 @@ def render_preview(
 ) -> None:
     height, width = labels.shape
     step = max(1, -(-max(height, width) // max_side))
-    rgb = stretch(np.stack([image[band, ::step, ::step] for band in rgb_bands], axis=-1))
+    # One read of the range of bands shown, not one per band (a chunk holds every band anyway;
+    # a list of bands would take Zarr's slow orthogonal path).
+    first = min(rgb_bands)
+    pixels = np.asarray(image[first : max(rgb_bands) + 1, ::step, ::step])
+    rgb = stretch(np.stack([pixels[band - first] for band in rgb_bands], axis=-1))
     if rgb.shape[-1] == 1:  # grey
         rgb = np.repeat(rgb, 3, axis=-1)
     elif rgb.shape[-1] == 2:  # false colour: red = first, green = second, blue = their mean (SAR: VV, VH)
@@ -35,10 +39,11 @@ def render_preview(
     palette = np.zeros((256, 3), dtype=np.float32)
     for c in classes:
         palette[c.id] = c.color
-    colours = palette[label_view]
+    # The overlay's share of each colour, weighed once per class, not once per pixel (the same numbers).
+    overlay = (OVERLAY_ALPHA * palette)[label_view]
     blend = np.where(
         (label_view != NODATA_LABEL)[..., None],
-        (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colours,
+        (1 - OVERLAY_ALPHA) * rgb + overlay,
         rgb,
     )
     picture = Image.fromarray(blend.round().astype(np.uint8))
@@ -49,6 +54,10 @@ def render_preview(
 def stretch(rgb: np.ndarray) -> np.ndarray:
     """2-98 percentile contrast stretch per band to 0..255 float; values that are no finite
     number (NaN, inf) are left out of the percentiles and drawn black."""
+    if not np.issubdtype(rgb.dtype, np.floating):  # every value finite: no mask to make and apply
+        rgb = rgb.astype(np.float32)
+        low, high = np.stack([np.percentile(rgb[..., band], [2, 98]) for band in range(rgb.shape[-1])], axis=-1)
+        return np.clip((rgb - low) / np.maximum(high - low, 1e-6), 0, 1) * 255
     rgb = rgb.astype(np.float32)
     finite = np.isfinite(rgb)
     # Per band, the percentiles of its finite values (np.nanpercentile's numbers, without its

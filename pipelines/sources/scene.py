@@ -88,6 +88,10 @@ class RasterInfo:
                    for r in range(row0 // rows, -(-row1 // rows)) for c in range(col0 // cols, -(-col1 // cols)))
 
 
+# Files of up to this many blocks have their absent blocks looked up while they are open anyway.
+FEW_BLOCKS = 1024
+
+
 def inspect_raster(uri: str | Path) -> RasterInfo:
     uri = str(uri)
     if not exists(uri):
@@ -96,7 +100,7 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
         with rasterio_env(uri), rasterio.open(uri) as src:
             if src.crs is None:
                 raise InputError(uri, "has no coordinate reference system: a scene must be georeferenced")
-            return RasterInfo(
+            info = RasterInfo(
                 uri=uri,
                 height=src.height,
                 width=src.width,
@@ -114,6 +118,10 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
                 block_shape=tuple(src.block_shapes[0]),
                 processing_level=tagged_processing_level(src.tags()),
             )
+            rows, cols = info.block_shape
+            if -(-info.height // rows) * -(-info.width // cols) <= FEW_BLOCKS:  # cheap now, an open later
+                info.__dict__["absent_blocks"] = absent_blocks(src)
+            return info
     except RasterioError as exc:
         raise InputError(uri, f"not a readable raster ({exc})") from exc
 
