@@ -130,9 +130,21 @@ class ImageRun:
         return storage.join(self.run.out_root, self.name)
 
     @property
+    def reads_in_place(self) -> bool:
+        """The model and the outputs read the source itself, with no Zarr copy: a 2D image of one
+        block whose source is cheap to read again (a local GeoTIFF), with no output that copies
+        the image. The pixels are the same as those of a copy."""
+        source = self.source
+        return (source.in_place_store is None and source.cheap_to_reread and len(source.shape) == 2
+                and max(source.shape) <= self.run.options.block
+                and not any(output.copies_image for output in self.outputs))
+
+    @property
     def image_store(self) -> str:
         """Where the model reads the image: the source itself when it is a store read in place,
-        else the store ingest writes."""
+        else the store ingest writes (when the image is read in place: its URI, for messages)."""
+        if self.reads_in_place:
+            return self.source.uri
         return self.source.in_place_store or self.work.image_store
 
     @property

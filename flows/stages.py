@@ -42,6 +42,7 @@ from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
 from pipelines.outputs import OutputContext
 from pipelines.regions import load_regions, region_class_counts
+from pipelines.sources import SourcePixels
 from pipelines.stats import (
     BlockCounts, ImageInfo, block_class_table, image_class_table, image_file_id, region_class_table, write_image_rows,
 )
@@ -68,6 +69,11 @@ def ingest(image: ImageRun) -> None:
     work.prepare({"key": image.key, "block": options.block, "tile": options.tile})
     if image.source.in_place_store or work.has_background_mask():
         return  # nothing to copy (no nodata value either, so no mask); or ingest is done
+    if image.reads_in_place:  # nothing to copy: the source is read once, for its mask
+        mask = ingest_source(image.source, image.bands, None, options.tile, options.block, nodata=image.nodata)
+        source_mask = image.source.background_mask()
+        work.save_background_mask(mask if source_mask is None else source_mask)
+        return
     blocks = block_partition(image.source.shape, (options.block,) * len(image.source.shape))
     with stage_progress(f"ingest {image.name}", len(blocks)) as advance:
         def block_done(box: Box) -> None:
@@ -144,6 +150,8 @@ def segment_images(images: list[ImageRun], pool: Pool | None = None) -> list[Seg
         work=image.work,
         image_is_source=image.source.in_place_store is not None,
         nodata=image.nodata,
+        source=image.source if image.reads_in_place else None,
+        source_bands=image.bands,
     ) for image in images]
     run_plans(images[0].run.card, images[0].run.options, plans, pool)
     return [summarise(plan) for plan in plans]
@@ -177,15 +185,18 @@ def plan_segment(
     work=None,
     image_is_source: bool = False,
     nodata: float | None = None,
+    source=None,
+    source_bands: tuple[int, ...] = (),
 ) -> SegmentPlan:
     """The block jobs of a label store (created here unless a resumed run's is there).
 
     With a `work` folder (flows.work_folder), every finished block leaves a record there, and
     blocks that already have one (and the stores they were written to) are kept: an
-    interrupted segmentation resumes."""
+    interrupted segmentation resumes. With a `source`, the model reads it in place (its
+    1-based `source_bands`) instead of `image_store`."""
     import zarr
 
-    shape = zarr.open_array(str(image_store), mode="r").shape[1:]
+    shape = source.shape if source is not None else zarr.open_array(str(image_store), mode="r").shape[1:]
     grid = TileGrid(shape, options.tile, options.overlap)
     attributes = {"classes": [c.name for c in card.classes], "model": card.name}
     label_store = str(label_store)
@@ -213,6 +224,8 @@ def plan_segment(
             bands=bands,
             image_is_source=image_is_source,
             nodata=nodata,
+            source=source,
+            source_bands=source_bands,
         )
         for block in store_blocks(label_store)
     ]
@@ -309,7 +322,8 @@ def finalize(image: ImageRun) -> tuple[str, ...]:
     staged.mkdir(parents=True)
     context = OutputContext(
         name=image.name, source=image.source, card=image.run.card,
-        labels=zarr.open_array(work.label_store, mode="r"), image=zarr.open_array(image.image_store, mode="r"),
+        labels=zarr.open_array(work.label_store, mode="r"),
+        image=SourcePixels(image.source, image.bands) if image.reads_in_place else zarr.open_array(image.image_store, mode="r"),
         image_bands=image.store_bands,
         probability_store=work.probability_store if image.needs_probabilities else None,
         image_band_names=image.store_band_names,

@@ -26,7 +26,7 @@ SPATIAL_NAMES = {2: ("y", "x"), 3: ("z", "y", "x")}
 def ingest_source(
     source: Source,
     bands: tuple[int, ...],
-    store_path: str,
+    store_path: str | None,
     chunk: int,
     block: int,
     on_block_done: Callable[[Box], None] = lambda box: None,
@@ -43,13 +43,17 @@ def ingest_source(
     already copied into the existing store: those are read back from it for the mask instead
     of from the source. `nodata` marks pixels without data (default: the source's own). Returns
     the low-resolution mask of valid pixels (pipelines.background) gathered on the way.
+    Without a `store_path` nothing is copied: the source is only read for the mask (a source
+    the model reads in place).
     """
     nodata = source.nodata if nodata is None else nodata
     dims = len(source.shape)
     attributes = {"source": source.uri, "kind": source.kind, "bands": list(bands), "nodata": nodata}
     if source.crs_wkt:
         attributes.update(crs_wkt=source.crs_wkt, transform=list(source.transform))
-    if done:
+    if store_path is None:
+        image = None
+    elif done:
         image = zarr.open_array(str(store_path), mode="r+")
     else:
         image = zarr.create_array(
@@ -75,7 +79,8 @@ def ingest_source(
             pixels = image[(slice(None), *box.slices())]
         else:
             pixels = source.read(bands, box)
-            image[(slice(None), *box.slices())] = pixels
+            if image is not None:
+                image[(slice(None), *box.slices())] = pixels
         valid = valid_pixels(pixels, nodata)
         with mask_lock:  # low-resolution cells can straddle two blocks
             add_box_to_mask(mask, box, valid)
@@ -144,7 +149,18 @@ def read_padded(image: zarr.Array, box: Box, bands: tuple[int, ...] | None = Non
     """
     spatial = image.shape[1:]
     inside = box.intersection(Box((0,) * len(spatial), spatial))
-    data = image[(list(bands) if bands is not None else slice(None), *inside.slices())]
+    return mirror_pad(image[(list(bands) if bands is not None else slice(None), *inside.slices())], inside, box)
+
+
+def read_padded_source(source: Source, bands: tuple[int, ...], box: Box) -> np.ndarray:
+    """read_padded of the 1-based `bands` of a source read in place: the same pixels as from
+    the store ingest would have copied them into."""
+    inside = box.intersection(Box((0,) * len(source.shape), source.shape))
+    return mirror_pad(np.asarray(source.read(bands, inside), dtype=source.dtype), inside, box)
+
+
+def mirror_pad(data: np.ndarray, inside: Box, box: Box) -> np.ndarray:
+    """`data`, read at `inside`, grown to `box` by mirroring about the image edge."""
     pads = [(0, 0)] + [(a - r0, r1 - b) for a, b, r0, r1 in zip(inside.start, inside.stop, box.start, box.stop)]
     if any(p != (0, 0) for p in pads):
         data = np.pad(data, pads, mode="reflect" if min(inside.shape) > 1 else "edge")

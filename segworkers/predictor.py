@@ -25,7 +25,7 @@ from pipelines.blending import BlockAccumulator, quantise_probabilities, tile_we
 from pipelines.errors import InputError
 from pipelines.model_card import CRF_PARAMETERS, ModelCard
 from pipelines.tiling import Box
-from pipelines.zarr_stores import NODATA_LABEL, read_padded
+from pipelines.zarr_stores import NODATA_LABEL, read_padded, read_padded_source
 from segworkers.crf import dense_crf
 from segworkers.device_blocks import (
     WorkerStreams,
@@ -62,6 +62,12 @@ class BlockJob:
     it is bad input."""
     nodata: float | None = None
     """The value of pixels without data in every band; None: the image store's `nodata` attribute."""
+    source: object = None
+    """The image's source (pipelines.sources), when the model reads it in place instead of an
+    image store (a small local GeoTIFF: ImageRun.reads_in_place); `image_store` is then its URI
+    and `nodata` is the image's."""
+    source_bands: tuple[int, ...] = ()
+    """The 1-based bands of `source` to read, in the card's order."""
 
 
 @dataclass(frozen=True)
@@ -156,16 +162,20 @@ class BlockPredictor:
     def read_block(self, job: BlockJob) -> BlockWork:
         """The block's context (the block with its margin, and every tile with its halo) read
         from the image store."""
-        image = zarr.open_array(job.image_store, mode="r")
+        image = None if job.source is not None else zarr.open_array(job.image_store, mode="r")
+        shape = job.source.shape if image is None else image.shape[1:]
         halo = self.model.halo
         dims = len(job.block.start)
         tiles = job.tiles
         # Post-processing sees the block's probabilities with a margin (clipped to the image).
-        accumulated = job.block.grown(self.card.block_margin).intersection(Box((0,) * dims, image.shape[1:]))
+        accumulated = job.block.grown(self.card.block_margin).intersection(Box((0,) * dims, shape))
         context = Box(
             tuple(min([t.start[i] - halo for t in tiles] + [accumulated.start[i]]) for i in range(dims)),
             tuple(max([t.stop[i] + halo for t in tiles] + [accumulated.stop[i]]) for i in range(dims)),
         )
+        if image is None:
+            return BlockWork(job, context, accumulated, read_padded_source(job.source, job.source_bands, context),
+                             job.nodata)
         nodata = image.attrs.get("nodata") if job.nodata is None else job.nodata
         return BlockWork(job, context, accumulated, self.read_context(image, context, job), nodata)
 

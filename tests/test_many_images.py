@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow.compute as pc
 import rasterio
 
+from flows import stages
 from flows.archive_flow import image_batches, run_night
 from flows.cli import main
 from flows.options import RunOptions
+from flows.run import ImageRun, claim_folder, plan_image, prepare_run, started
 from flows.synthetic import write_small_net_card, write_tiled_scene
 from pipelines.stats import read_table
 
@@ -81,3 +83,47 @@ def test_images_go_through_the_stages_in_batches_bounded_in_pixels_and_images(tm
     batches = image_batches([Image(side) for side in sides])
     assert [len(batch) for batch in batches] == [32, 8, 1, 1, 1, 1]
     assert sum(len(batch) for batch in batches) == len(sides)
+
+
+def segment_with_stages(card: Path, path: Path, out: Path, after_ingest) -> None:
+    """`path` through the stages in this process; `after_ingest(image)` is called between ingest
+    and segment."""
+    run = prepare_run(str(card), str(out), RunOptions(run_id=RUN_ID))
+    with started(run) as run:
+        image = claim_folder(plan_image(run, str(path)))
+
+        def run_stage(stage, work) -> None:
+            work()
+            if stage is stages.ingest:
+                after_ingest(image)
+
+        stages.run_image(image, run_stage=run_stage)
+
+
+def test_a_small_local_geotiff_is_read_in_place_with_the_bytes_of_a_copy(tmp_path, monkeypatch):
+    """A one-block GeoTIFF on a local disk is not copied into Zarr: the model and the preview
+    read the file itself, and the labels, preview and statistics are byte for byte those of the
+    Zarr copy (the path every larger image takes)."""
+    chip = write_archive(tmp_path / "archive")[2]  # 150 x 150, one block
+    with rasterio.open(chip) as src:  # a corner without data, so the masks are compared too
+        profile, pixels = {**src.profile, "nodata": 0}, src.read()
+    pixels[:, :30, :45] = 0
+    with rasterio.open(chip, "w", **profile) as dst:
+        dst.write(pixels)
+    card = write_small_net_card(tmp_path, tile=64)
+
+    def read_in_place(image) -> None:
+        assert image.reads_in_place and not Path(image.work.image_store).exists(), "copied into Zarr"
+
+    segment_with_stages(card, chip, tmp_path / "in-place", read_in_place)
+    monkeypatch.setattr(ImageRun, "reads_in_place", property(lambda image: False))
+
+    def copied(image) -> None:
+        assert Path(image.work.image_store, "zarr.json").exists()
+
+    segment_with_stages(card, chip, tmp_path / "copy", copied)
+    for name in ("labels.tif", "preview.png"):
+        assert (tmp_path / "in-place" / chip.stem / name).read_bytes() == (tmp_path / "copy" / chip.stem / name).read_bytes()
+    in_place = rows_of(tmp_path / "in-place", chip.stem)
+    assert in_place == rows_of(tmp_path / "copy", chip.stem)
+    assert sum(row[COMPARED.index("pixel_count")] for row in in_place) == 150 * 150 - 30 * 45, "the corner is nodata"

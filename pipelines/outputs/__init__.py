@@ -65,6 +65,9 @@ class Output:
     written, the image's labels and statistics still are, with a warning."""
     takes_work_store: bool = False
     """It moves a work store into the folder (the probabilities): written after the others."""
+    copies_image: bool = False
+    """It copies the image store as it is (OME-Zarr image): the image is ingested into one,
+    never read in place."""
 
 
 # Names that stand for the output(s) that fit the source.

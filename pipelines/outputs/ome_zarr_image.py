@@ -18,5 +18,5 @@ def write(context: OutputContext, folder: Path) -> None:
                           pixel_size=context.source.pixel_size)
 
 
-OUTPUT = Output("ome-zarr-image", "image.ome.zarr", write,
+OUTPUT = Output("ome-zarr-image", "image.ome.zarr", write, copies_image=True,
                 description="the image segmented and its labels, OME-Zarr 0.5")

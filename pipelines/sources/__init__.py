@@ -92,6 +92,34 @@ class Source:
         background is not marked by nodata (slides: glass); None to take it from nodata at ingest."""
         return None
 
+    @property
+    def cheap_to_reread(self) -> bool:
+        """Reading a region again costs about what reading it from a Zarr copy would (a local,
+        uncompressed or tiled GeoTIFF), so a small image of this source can be read in place by
+        the model and the outputs instead of being copied first (flows.run.ImageRun.reads_in_place)."""
+        return False
+
+
+class SourcePixels:
+    """The card's bands of a source as a read-only (band, *spatial) array, read whole on first
+    use: what outputs read as "the image" when the model read a small source in place."""
+
+    def __init__(self, source: Source, bands: tuple[int, ...]):
+        self.source, self.bands = source, bands
+        self.shape = (len(bands), *source.shape)
+        self.dtype = np.dtype(source.dtype)
+        self.ndim = len(self.shape)
+        self._pixels: np.ndarray | None = None
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = np.asarray(self.source.read(self.bands, Box((0,) * len(self.source.shape), self.source.shape)),
+                                      dtype=self.dtype)
+        return self._pixels if dtype is None else self._pixels.astype(dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self)[key]
+
 
 @dataclass(frozen=True)
 class SourceKind:

@@ -21,7 +21,7 @@ from pipelines.areas import PixelAreas, pixel_areas
 from pipelines.errors import InputError
 from pipelines.model_card import ModelCard, processing_level
 from pipelines.sources import Source, SourceKind
-from pipelines.storage import exists, rasterio_env
+from pipelines.storage import exists, is_remote, rasterio_env
 from pipelines.tiling import Box
 
 # GDAL's block cache defaults to 5% of RAM per process; a fixed bound keeps a worker's memory
@@ -50,6 +50,8 @@ class RasterInfo:
     """(rows, cols) of the file's internal blocks (tiles or strips)."""
     processing_level: str | None = None
     """From a PROCESSING_LEVEL (or processing:level) metadata tag, e.g. "L1C"."""
+    driver: str = ""
+    """GDAL's driver of the file ("GTiff", "JP2OpenJPEG", ...)."""
 
     @functools.cached_property
     def absent_blocks(self) -> frozenset[tuple[int, int]]:
@@ -117,6 +119,7 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
                 offsets=tuple(src.offsets),
                 block_shape=tuple(src.block_shapes[0]),
                 processing_level=tagged_processing_level(src.tags()),
+                driver=src.driver,
             )
             rows, cols = info.block_shape
             if -(-info.height // rows) * -(-info.width // cols) <= FEW_BLOCKS:  # cheap now, an open later
@@ -217,6 +220,12 @@ class SceneSource(Source):
 
     def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
         return read_window(self.info, bands, box)
+
+    @property
+    def cheap_to_reread(self) -> bool:
+        # A GeoTIFF on a local disk; not JPEG 2000 (each read decodes again) nor object storage
+        # (each read is requests), nor a sparse file (its absent blocks read as the store's fill).
+        return self.info.driver == "GTiff" and not is_remote(self.uri) and not self.info.absent_blocks
 
     def holds_data(self, box: Box) -> bool:
         return self.info.holds_data(box)
