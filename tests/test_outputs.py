@@ -192,3 +192,46 @@ def test_areas_are_printed_in_human_units(ray_cluster, scene_outputs, capsys):
     assert main(["stats", str(scene_outputs), "--by", "class"]) == 0
     table = capsys.readouterr().out
     assert "km²" in table and "ha" in table and " m2" not in table
+
+
+def overlaid_pixel_by_pixel(shown: np.ndarray, labels: np.ndarray, classes) -> np.ndarray:
+    """The preview's pixels as its first version computed them, for every pixel."""
+    from pipelines.outputs.preview import OVERLAY_ALPHA, stretch_pixels
+
+    rgb = stretch_pixels(shown)
+    rgb = np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
+    palette = np.zeros((256, 3), dtype=np.float32)
+    for c in classes:
+        palette[c.id] = c.color
+    blend = np.where((labels != 255)[..., None], (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * palette[labels], rgb)
+    return blend.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("bands", [(0, 1, 2), (1,)])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_previews_of_8_and_16_bit_bands_by_table_are_the_pixel_by_pixel_bytes(bands, dtype, tmp_path):
+    """8- and 16-bit bands are stretched (and 8-bit ones overlaid) through tables of every
+    value: the same bytes as computing each pixel, on the real scene's pixels (with a corner
+    without labels) and on degenerate bands (one value; two values; one pixel)."""
+    from pipelines.outputs.preview import histogram_percentiles, preview_pixels
+
+    with rasterio.open(write_tiled_scene(tmp_path / "scene.tif", 300)) as src:
+        real = np.moveaxis(src.read(), 0, -1)[..., list(bands)].astype(dtype)
+    if dtype == "uint16":
+        real = real * 256 + 3  # 16-bit values across their range
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, real.shape[:2]).astype(np.uint8)
+    labels[:40, :70] = 255
+    classes = L1C.classes
+    one_value = np.full_like(real, 7)
+    two_values = (rng.integers(0, 2, real.shape) * 200).astype(dtype)
+    for shown in (real, one_value, two_values, real[:1, :3]):
+        labelled = labels[: shown.shape[0], : shown.shape[1]]
+        assert np.array_equal(preview_pixels(shown, labelled, classes), overlaid_pixel_by_pixel(shown, labelled, classes))
+    # Six values whose 98th percentile numpy interpolates down from the upper neighbour: a
+    # different last bit from interpolating up.
+    interpolated_down = np.array([151, 234, 91, 25, 52, 18], dtype=dtype)
+    for values in (real[..., 0].ravel(), two_values.ravel(), real[:1, :1].ravel(), real[:7, :1].ravel(),
+                   interpolated_down):
+        assert np.array_equal(histogram_percentiles(np.bincount(values)),
+                              np.percentile(values.astype(np.float32), [2, 98]))
