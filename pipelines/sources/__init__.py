@@ -94,9 +94,9 @@ class Source:
 
     @property
     def cheap_to_reread(self) -> bool:
-        """Reading a region again costs about what reading it from a Zarr copy would (a local,
-        uncompressed or tiled GeoTIFF), so a small image of this source can be read in place by
-        the model and the outputs instead of being copied first (flows.run.ImageRun.reads_in_place)."""
+        """Reading a region again costs about what reading it from a Zarr copy would (a GeoTIFF
+        on a local disk), so a small image of this source can be read in place by the model and
+        the outputs instead of being copied first (flows.run.ImageRun.reads_in_place)."""
         return False
 
 
