@@ -71,17 +71,15 @@ def ingest(image: ImageRun) -> None:
         return  # nothing to copy (no nodata value either, so no mask); or ingest is done
     if image.reads_in_place:  # nothing to copy: the source is read once, for its mask
         mask = ingest_source(image.source, image.bands, None, options.tile, options.block, nodata=image.nodata)
-        source_mask = image.source.background_mask()
-        work.save_background_mask(mask if source_mask is None else source_mask)
-        return
-    blocks = block_partition(image.source.shape, (options.block,) * len(image.source.shape))
-    with stage_progress(f"ingest {image.name}", len(blocks)) as advance:
-        def block_done(box: Box) -> None:
-            work.mark_ingested(box)
-            advance()
+    else:
+        blocks = block_partition(image.source.shape, (options.block,) * len(image.source.shape))
+        with stage_progress(f"ingest {image.name}", len(blocks)) as advance:
+            def block_done(box: Box) -> None:
+                work.mark_ingested(box)
+                advance()
 
-        mask = ingest_source(image.source, image.bands, work.image_store, options.tile, options.block,
-                             on_block_done=block_done, done=work.ingested_blocks(), nodata=image.nodata)
+            mask = ingest_source(image.source, image.bands, work.image_store, options.tile, options.block,
+                                 on_block_done=block_done, done=work.ingested_blocks(), nodata=image.nodata)
     source_mask = image.source.background_mask()
     work.save_background_mask(mask if source_mask is None else source_mask)
 

@@ -17,13 +17,14 @@ OVERLAY_ALPHA = 0.45
 
 
 def render_preview(
-    image: zarr.Array,
+    image,
     labels: zarr.Array,
     rgb_bands: tuple[int, ...],
     classes: tuple[ClassInfo, ...],
     path: Path,
     max_side: int = 1024,
 ) -> None:
+    """`image`: (band, y, x), a Zarr array or pipelines.sources.SourcePixels (a source read in place)."""
     height, width = labels.shape
     step = max(1, -(-max(height, width) // max_side))
     # One read of the range of bands shown, not one per band (a chunk holds every band anyway;
