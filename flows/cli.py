@@ -11,6 +11,7 @@
     segpipe models list [--classes K] [--bands C]
     segpipe bench [--device cuda] [--model unet-resnet34] [--side N] [--parts ...] [--actors 1,2,4,8]
     segpipe demo [--out DIR]
+    segpipe serve [--detach] [--stop] [--socket PATH] [--idle-exit SECONDS]
 
 Bad input (a missing or unreadable image, a card naming a missing weights file, a band count
 the card does not fit) ends with one line naming the file and the problem, and exit code 2.
@@ -32,6 +33,7 @@ from flows.progress import console, note, set_verbosity, verbosity
 from pipelines.errors import InputError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
 # The demo scene is top-of-atmosphere reflectance (Level-1C): the L1C model fits it.
 DEMO_CARD = "s2-cloud-l1c"
 
@@ -138,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="throughput of the worker plane: model alone, segment stage, end to end, MONAI, CPU actor "
                              "scaling (segpipe bench --help)").add_argument("bench_args", nargs=argparse.REMAINDER)
 
+    serve = commands.add_parser("serve", parents=[loudness],
+        help="keep a resident segpipe process that runs segment, stats, report, evaluate and models without "
+             "their 2-3 s of start-up")
+    serve.add_argument("--socket", type=Path,
+                       help="where to listen (default: $SEGPIPE_SERVER, else $XDG_RUNTIME_DIR/segpipe/server.sock); "
+                            "segpipe commands find it there through the same setting")
+    serve.add_argument("--detach", action="store_true",
+                       help="run in the background (its log: server.log beside the socket)")
+    serve.add_argument("--stop", action="store_true", help="stop the server listening at the socket")
+    serve.add_argument("--idle-exit", type=float, metavar="SECONDS", help="stop after this long with nothing to do")
+
     demo = commands.add_parser("demo", parents=[loudness],
         help="run the Prefect flow on the bundled Sentinel-2 demo archive")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="demo folder (default: demo-output)")
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate_command(args)
         if args.command == "models":
             return models_list_command(args)
+        if args.command == "serve":
+            return serve_command(args)
         if args.command == "bench":
             from flows.benchmarks.worker_plane import main as bench
 
@@ -186,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: what is done is kept, and the same command resumes from it
+        print("segpipe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def segment_command(args: argparse.Namespace) -> int:
@@ -405,6 +423,23 @@ def models_list_command(args: argparse.Namespace) -> int:
         cards.add_row(name, card.format, ", ".join(c.name for c in card.classes), str(card.tile_size))
     Console().print(table, cards)
     return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from flows.resident import ServerProblem, serve, socket_path, stop_server
+
+    path = args.socket or socket_path()
+    if path is None:
+        raise InputError("SEGPIPE_SERVER", "is off: name the socket with --socket")
+    try:
+        if args.stop:
+            process = stop_server(path)
+            print(f"stopped the segpipe server at {path} (pid {process})" if process
+                  else f"no segpipe server listens at {path}")
+            return 0
+        return serve(path, idle_exit=args.idle_exit, detach=args.detach)
+    except ServerProblem as exc:
+        raise InputError(exc.path, exc.reason) from exc
 
 
 def demo_command(args: argparse.Namespace, run_night) -> int:

@@ -17,8 +17,14 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-# Not a terminal (cron, CI, a worker's log): no width to fit, so lines are not cut at 80 columns.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def console_settings() -> dict:
+    # Not a terminal (cron, CI, a worker's log): no width to fit, so lines are not cut at 80 columns.
+    return {"stderr": True, "width": None if sys.stderr.isatty() else 200}
+
+
+console = Console(**console_settings())
 # quiet: results and errors only; normal: segpipe's progress and notes; verbose: also Prefect's
 # and Ray's own messages. In the environment, so that it holds in every thread and subprocess.
 VERBOSITY = "SEGPIPE_VERBOSITY"
@@ -35,6 +41,13 @@ class NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         console.print(f"{record.levelname.lower()}: {record.getMessage()}", highlight=False, markup=False,
                       soft_wrap=True)
+
+
+def reopen_console() -> None:
+    """Set the console up again for another terminal and environment (a command run by the
+    resident server, flows.resident). Rich reads the terminal's colours and width when a
+    Console is made, and the modules that print hold this one object: it is made again in place."""
+    console.__init__(**console_settings())
 
 
 def set_verbosity(level: str) -> None:

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 from s3_server import s3_endpoint
 
+# The tests' segpipe commands run in processes of their own: a developer's resident server
+# (segpipe serve) must not run them. tests/test_resident_server.py starts servers of its own.
+os.environ["SEGPIPE_SERVER"] = "off"
+
 # A real S3 server (moto) on loopback for the whole session, with the AWS_* variables pointing at it.
 s3_server = pytest.fixture(scope="session", name="s3_server")(s3_endpoint)
 
