@@ -134,6 +134,9 @@ def hand_over(argv: list[str]) -> int | None:
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(str(path))
+        if peer_user(connection) != os.getuid():  # another user's server would get this one's environment
+            print(f"note: the segpipe server at {path} runs as another user: not used", file=sys.stderr)
+            return None
         return run_there(connection, argv)
     except (ConnectionRefusedError, FileNotFoundError):  # a socket left by a server that died: run here
         return None
