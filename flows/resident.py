@@ -133,13 +133,14 @@ def hand_over(argv: list[str]) -> int | None:
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        connection.connect(str(path))
+        try:
+            connection.connect(str(path))
+        except OSError:  # nothing listens (a socket left by a server that died), or not this user's to use
+            return None
         if peer_user(connection) != os.getuid():  # another user's server would get this one's environment
             print(f"note: the segpipe server at {path} runs as another user: not used", file=sys.stderr)
             return None
         return run_there(connection, argv)
-    except (ConnectionRefusedError, FileNotFoundError):  # a socket left by a server that died: run here
-        return None
     finally:
         connection.close()
 
@@ -181,9 +182,12 @@ def run_there(connection: socket.socket, argv: list[str]) -> int | None:
 
     forwarded = {number: signal.signal(number, pass_on) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        socket.send_fds(connection, [b"F"], standard_streams())
-        send_message(connection, state)
-        reply = receive_message(connection)
+        try:
+            socket.send_fds(connection, [b"F"], standard_streams())
+            send_message(connection, state)
+            reply = receive_message(connection)
+        except OSError:  # the server went away before it took the command
+            reply = None
         if reply is None or "refused" in reply:  # the server stopped meanwhile, or cannot run it
             if reply and "-q" not in argv and "--quiet" not in argv:
                 print(f"note: {reply['refused']}: running the command here", file=sys.stderr)
@@ -193,7 +197,10 @@ def run_there(connection: socket.socket, argv: list[str]) -> int | None:
         process.append(reply["pid"])
         for number in pending:
             os.kill(process[0], number)
-        ending = receive_message(connection)
+        try:
+            ending = receive_message(connection)
+        except OSError:
+            ending = None
     finally:
         for number, handler in forwarded.items():
             signal.signal(number, handler)
@@ -312,7 +319,9 @@ class Server:
             except Exception as exc:  # noqa: BLE001 - one caller's broken request does not stop the server
                 self.say(f"a request failed: {exc!r}")
                 connection.close()
-        while self.running:  # the commands in progress finish and their callers get their exit codes
+        listener.close()  # a command asked for from now on runs in its own process
+        with_socket_removed(self.path)
+        while self.running:  # the commands in progress finish, and their callers get their exit codes
             self.reap(block=True)
 
     def answer(self, connection: socket.socket, listener: socket.socket) -> None:
@@ -405,6 +414,7 @@ def run_command_here(connection: socket.socket, listener: socket.socket, others:
             os.environ.clear()
             os.environ.update(request["env"])
             os.umask(request["umask"])
+            sys.argv = [sys.argv[0], *request["argv"]]
             become_callers_terminal(request)
             from flows.cli import main
         except BaseException as exc:  # noqa: BLE001 - nothing ran: the caller runs the command itself
@@ -493,7 +503,7 @@ def serve(path: Path, idle_exit: float | None = None, detach: bool = False) -> i
     if missing:
         server.say(f"could not preload {', '.join(missing)} (commands that need them import them themselves)")
     server.say(f"segpipe server (pid {os.getpid()}) listening at {path}, ready in {time.monotonic() - started:.1f} s; "
-               f"{os_threads()} OS threads")
+               f"OS threads: {os_threads()}")
     return run_server(server, listener)
 
 
@@ -554,7 +564,7 @@ def serve_detached(path: Path, idle_exit: float | None) -> int:
         if missing:
             server.say(f"could not preload {', '.join(missing)}")
         server.say(f"segpipe server (pid {os.getpid()}) listening at {path}, ready in "
-                   f"{time.monotonic() - started:.1f} s; {os_threads()} OS threads")
+                   f"{time.monotonic() - started:.1f} s; OS threads: {os_threads()}")
         os.write(ready_write, f"ready {os.getpid()}".encode())
         os.close(ready_write)
         code = run_server(server, listener)
