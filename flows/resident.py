@@ -293,8 +293,8 @@ class Server:
         self.idle_exit = idle_exit
         self.log = log
         self.stamp = code_stamp()
-        self.running: dict[int, tuple[socket.socket, str, float]] = {}
-        """Per command process: the caller's connection, the command line, when it started."""
+        self.running: dict[int, tuple[socket.socket, float]] = {}
+        """Per command process: the caller's connection, and when it started."""
         self.stopping = False
         self.last_activity = time.monotonic()
 
@@ -352,9 +352,9 @@ class Server:
             sys.stderr.flush()
             process = os.fork()
             if process == 0:
-                run_command_here(connection, listener, [conn for conn, _, _ in self.running.values()], streams,
+                run_command_here(connection, listener, [other for other, _ in self.running.values()], streams,
                                  request, self.say)  # never returns
-            self.running[process] = (connection, " ".join(request["argv"]), time.monotonic())
+            self.running[process] = (connection, time.monotonic())
             self.say(f"pid {process}: `segpipe {' '.join(request['argv'])}` in {request['cwd']}")
         finally:
             for descriptor in streams:
@@ -378,7 +378,7 @@ class Server:
                 return
             if process == 0:
                 return
-            connection, command, started = self.running.pop(process, (None, "?", time.monotonic()))
+            connection, started = self.running.pop(process, (None, time.monotonic()))
             seconds = time.monotonic() - started
             if os.WIFSIGNALED(status):  # the process could not say how it ended: its caller hears it here
                 number = os.WTERMSIG(status)
