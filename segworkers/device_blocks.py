@@ -33,14 +33,19 @@ def to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
     return [None if c is None else c.numpy() for c in copies]
 
 
-def valid_pixels(values: torch.Tensor, nodata: float | None) -> torch.Tensor:
-    """(band, *spatial) -> (*spatial) bool: pipelines.background.valid_pixels on the device."""
-    finite = values.isfinite().all(0)
+def valid_pixels(values: torch.Tensor, nodata: float | None, finite: bool = False) -> torch.Tensor:
+    """(band, *spatial) -> (*spatial) bool: pipelines.background.valid_pixels on the device.
+    `finite`: the values are known to be finite numbers (converted from integers)."""
+    if finite:  # no NaN, no infinity: only the nodata value marks a pixel without data
+        if nodata is None or math.isnan(nodata):
+            return torch.ones(values.shape[1:], dtype=torch.bool, device=values.device)
+        return ~(values == nodata).all(0)
+    finite_values = values.isfinite().all(0)
     if nodata is None:
-        return finite
+        return finite_values
     if math.isnan(nodata):
-        return ~values.isnan().all(0) & finite
-    return ~(values == nodata).all(0) & finite
+        return ~values.isnan().all(0) & finite_values
+    return ~(values == nodata).all(0) & finite_values
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
