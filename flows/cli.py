@@ -30,10 +30,10 @@ from flows.options import RunOptions, add_field_options, add_run_options, option
 from flows.training_run import TrainingOptions
 from flows import segpipe_version
 from flows.progress import console, note, set_verbosity, verbosity
+from flows.resident import interrupted
 from pipelines.errors import InputError
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
 # The demo scene is top-of-atmosphere reflectance (Level-1C): the L1C model fits it.
 DEMO_CARD = "s2-cloud-l1c"
 
@@ -201,9 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # Ctrl-C: what is done is kept, and the same command resumes from it
-        print("segpipe: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        return interrupted()
 
 
 def segment_command(args: argparse.Namespace) -> int:

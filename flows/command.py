@@ -8,14 +8,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.resident import hand_over
+    from flows.resident import hand_over, interrupted
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = hand_over(argv)
     except KeyboardInterrupt:  # before the server's process began the command
-        print("segpipe: interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     if code is not None:
         return code
     from flows.cli import main as run_here

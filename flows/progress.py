@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-
 def console_settings() -> dict:
     # Not a terminal (cron, CI, a worker's log): no width to fit, so lines are not cut at 80 columns.
     return {"stderr": True, "width": None if sys.stderr.isatty() else 200}

@@ -29,6 +29,7 @@ are the standard library's only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ PRELOADED = ("flows.run", "flows.stages", "flows.report", "flows.html_report", "
              "torch.utils.serialization", "torch.utils._device", "ukis_csmask")
 PACKAGES = ("flows", "pipelines", "segworkers")
 STOP = "stop"
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
 
 
 class ServerProblem(Exception):
@@ -59,6 +61,12 @@ class ServerProblem(Exception):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+def interrupted() -> int:
+    """A command ended by Ctrl-C: what is done is kept, and the same command resumes from it."""
+    print("segpipe: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def socket_path() -> Path | None:
@@ -319,10 +327,17 @@ class Server:
             except Exception as exc:  # noqa: BLE001 - one caller's broken request does not stop the server
                 self.say(f"a request failed: {exc!r}")
                 connection.close()
-        listener.close()  # a command asked for from now on runs in its own process
-        with_socket_removed(self.path)
+        self.stop_listening(listener)
         while self.running:  # the commands in progress finish, and their callers get their exit codes
             self.reap(block=True)
+
+    def stop_listening(self, listener: socket.socket) -> None:
+        """A command asked for from now on runs in its own process. The socket goes before the
+        listener closes: a server started meanwhile finds no socket of this one to replace, and
+        this one never removes the socket of a server started while it waits for its commands."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        listener.close()
 
     def answer(self, connection: socket.socket, listener: socket.socket) -> None:
         connection.settimeout(10)
@@ -431,8 +446,7 @@ def run_command_here(connection: socket.socket, listener: socket.socket, others:
             if exc.code is not None and not isinstance(exc.code, int):
                 print(exc.code, file=sys.stderr)
         except KeyboardInterrupt:  # before flows.cli's own handler took over
-            print("segpipe: interrupted", file=sys.stderr)
-            code = 130
+            code = interrupted()
         except BaseException:  # noqa: BLE001 - as Python would: the traceback on the caller's stderr
             import traceback
 
@@ -513,17 +527,10 @@ def run_server(server: Server, listener: socket.socket) -> int:
     try:
         server.serve(listener)
     finally:
-        listener.close()
-        with_socket_removed(server.path)
+        if listener.fileno() != -1:  # serve() ended by an exception: it did not stop listening
+            server.stop_listening(listener)
         server.say("stopped")
     return 0
-
-
-def with_socket_removed(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def serve_detached(path: Path, idle_exit: float | None) -> int:

@@ -200,3 +200,26 @@ def test_a_server_running_other_code_is_not_used(tmp_path, sentinel_scene):
     log = (tmp_path / "server.log").read_text()
     assert len(re.findall(r"pid \d+: `segpipe segment", log)) == 1, log
     assert log.count("refused") == 3
+
+
+def test_a_server_stopped_mid_command_leaves_the_next_servers_socket_alone(slow_work, tmp_path):
+    scene, card = slow_work
+    path = tmp_path / "segpipe.sock"
+    assert segpipe("serve", "--detach", server=path).returncode == 0
+    caller = subprocess.Popen([str(SEGPIPE), "-q", "segment", str(scene), "--model", str(card), "--out",
+                               str(tmp_path / "out"), "--device", "cpu"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "SEGPIPE_SERVER": str(path)})
+    wait_for(lambda: any("`segpipe -q segment" in line for line in served_lines(tmp_path / "server.log")),
+             what="the command's start")
+    assert "stopped" in segpipe("serve", "--stop", server=path).stdout  # it waits for its command
+    assert segpipe("serve", "--detach", server=path).returncode == 0  # the next server, meanwhile
+    try:
+        _, stderr = caller.communicate(timeout=300)
+        assert caller.returncode == 0, stderr  # the first server's command finished
+        wait_for(lambda: any(line.endswith(" stopped") for line in served_lines(tmp_path / "server.log")),
+                 what="the first server to stop")
+        assert path.exists(), "the first server, stopping, removed the next one's socket"
+        assert segpipe("segment", "--help", server=path).returncode == 0
+        assert any("`segpipe segment --help`" in line for line in served_lines(tmp_path / "server.log"))
+    finally:
+        segpipe("serve", "--stop", server=path)
