@@ -37,6 +37,7 @@ import numpy as np
 
 from pipelines.errors import InputError
 from pipelines.model_card import ModelCard, RuntimeOptions, ensure_local_weights
+from segworkers.c_heap import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def best_device(card: ModelCard) -> str:
 
 def load_tile_model(card: ModelCard, device: str, threads: int) -> TileModel:
     ensure_local_weights(card)
+    keep_freed_memory()  # before the first batch: see segworkers.c_heap
     return LOADERS[card.format](card, device, threads)
 
 
