@@ -6,6 +6,7 @@ actor, block by block."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from flows.options import RunOptions
 from flows.run import ImageRun, claim_folder, plan_image, prepare_run, started
 from flows.synthetic import write_small_net_card, write_tiled_scene
 from pipelines.model_card import load_card
+from pipelines.sources import scene
 from pipelines.stats import read_table
 from pipelines.tiling import Box
 from segworkers.predictor import BlockJob, BlockPredictor, BlockWork
@@ -133,6 +135,48 @@ def test_a_small_local_geotiff_is_read_in_place_with_the_bytes_of_a_copy(tmp_pat
     in_place = rows_of(tmp_path / "in-place", chip.stem)
     assert in_place == rows_of(tmp_path / "copy", chip.stem)
     assert sum(row[COMPARED.index("pixel_count")] for row in in_place) == 150 * 150 - 30 * 45, "the corner is nodata"
+
+
+def test_a_small_scene_read_in_place_is_decoded_once_and_again_when_replaced(tmp_path, monkeypatch):
+    """Ingest (the mask), the model and the preview each read a small scene whole: it is decoded
+    from the file once, with the bytes of three decodings; a file replaced meanwhile is decoded anew."""
+    chip = write_archive(tmp_path / "archive")[2]  # 150 x 150, one block
+    with rasterio.open(chip) as src:  # nodata in a corner: the mask comes from the same read
+        profile, pixels = {**src.profile, "nodata": 0}, src.read()
+    pixels[:, :30, :45] = 0
+    with rasterio.open(chip, "w", **profile) as dst:
+        dst.write(pixels)
+    card = write_small_net_card(tmp_path, tile=64)
+    decoded: list[str] = []
+    decode = scene.decode_window
+
+    def counted(info, bands, box):
+        decoded.append(Path(info.uri).name)
+        return decode(info, bands, box)
+
+    monkeypatch.setattr(scene, "decode_window", counted)
+    monkeypatch.setattr(scene, "WHOLE_READS", scene.RecentReads(128 << 20))
+    segment_with_stages(card, chip, tmp_path / "kept", lambda image: None)
+    assert decoded == [chip.name]
+
+    monkeypatch.setattr(scene, "WHOLE_READS", scene.RecentReads(0))  # nothing kept
+    segment_with_stages(card, chip, tmp_path / "decoded", lambda image: None)
+    assert decoded == [chip.name] * 4, "ingest, the model and the preview decode it once each"
+    for name in ("labels.tif", "preview.png"):
+        assert (tmp_path / "kept" / chip.stem / name).read_bytes() == (tmp_path / "decoded" / chip.stem / name).read_bytes()
+    assert rows_of(tmp_path / "kept", chip.stem) == rows_of(tmp_path / "decoded", chip.stem)
+
+    monkeypatch.setattr(scene, "WHOLE_READS", scene.RecentReads(128 << 20))
+    source = scene.SceneSource(scene.inspect_raster(chip))
+    whole = Box((0, 0), source.shape)
+    first = source.read((1, 2, 3), whole)
+    first[:] = 7  # a caller's copy: what is kept stays as read
+    assert np.array_equal(source.read((1, 2, 3), whole), pixels)
+    with rasterio.open(chip, "r+") as dst:
+        dst.write(pixels[:, ::-1])
+    os.utime(chip, ns=(chip.stat().st_atime_ns, chip.stat().st_mtime_ns + 10**9))
+    assert np.array_equal(source.read((1, 2, 3), whole), pixels[:, ::-1]), "the replaced file's pixels"
+    assert decoded == [chip.name] * 6
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
