@@ -40,7 +40,7 @@ from flows.manifest import image_key, is_done  # noqa: E402
 from flows.options import RunOptions  # noqa: E402
 from flows.progress import stage_progress, transient_stages  # noqa: E402
 from flows.root_lock import storage_problem  # noqa: E402
-from flows.run import ImageRun, Run, claim_folder, plan_image, prepare_run, started  # noqa: E402
+from flows.run import ImageRun, Run, claim_folder, fold_statistics, plan_image, prepare_run, started  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.errors import InputError  # noqa: E402
 from pipelines.sources import image_stem, list_archive  # noqa: E402
@@ -226,6 +226,7 @@ def run_archive(archive: str, model: str, out: str, options: RunOptions) -> dict
         if images:
             run_batches(images, run, report, pool)
         report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        fold_statistics(run)  # the report's chart of the nights then reads one file, not one per image
         try:
             write_run_report(run.out_root, report)
             report["html"] = write_html_report(run.out_root, report)

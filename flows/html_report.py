@@ -15,6 +15,7 @@ import html
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 from flows.report import format_area
@@ -30,9 +31,11 @@ def report_path(root: str, run_id: str) -> str:
 
 
 def write_html_report(root: str, report: dict, path: str | None = None) -> str:
-    """Write the page for `report` (a run report, runs/<id>.json) and return where."""
+    """Write the page for `report` (a run report, runs/<id>.json) and return where; the
+    thumbnails its images' finalize kept (keep_thumbnail) are dropped after."""
     path = path or report_path(root, report["run_id"])
     storage.write_whole(path, render(root, report).encode())
+    forget_thumbnails(root, report)
     return path
 
 
@@ -70,7 +73,7 @@ def render(root: str, report: dict) -> str:
     parts += history_section(root, colours)
     if done:
         parts.append("<h2>Images</h2>")
-    pictures = thumbnails([preview_of(images[name]) for name in done])
+    pictures = thumbnails([(preview_of(images[name]), kept_thumbnail(root, report["run_id"], name)) for name in done])
     for name, picture in zip(done, pictures):
         parts.append(image_section(root, name, images[name], report.get("blocks", {}).get(name, {}), colours, picture))
     if report.get("failed"):
@@ -161,28 +164,88 @@ def relative(root: str, path: str) -> str:
         return Path(path).resolve().as_uri()
 
 
-def thumbnails(paths: list[str | None]) -> list[str | None]:
-    """thumbnail() of each path (None stays None), several at once: decoding and encoding
-    release the GIL, and a night's report has a picture per image."""
+def thumbnails(pictures: list[tuple[str | None, str]]) -> list[str | None]:
+    """thumbnail() of each (preview, kept thumbnail) (no preview: None), several at once:
+    decoding and encoding release the GIL, and a night's report has a picture per image."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda path: thumbnail(path) if path else None, paths))
+        return list(pool.map(lambda pair: thumbnail(*pair) if pair[0] else None, pictures))
 
 
-def thumbnail(path: str) -> str | None:
+def thumbnail(path: str, kept: str | None = None) -> str | None:
     """The picture at `path`, at most THUMBNAIL pixels a side, as a JPEG data URI (a tenth of a
-    PNG's time and size: a night's report holds thousands)."""
+    PNG's time and size: a night's report holds thousands). `kept`: where finalize may have
+    left it made already (keep_thumbnail); taken only if written after the picture, so a
+    thumbnail an earlier attempt left behind is never shown for a newer preview."""
     from PIL import Image
 
     try:
+        if kept and is_newer(kept, path):
+            return data_uri(Path(kept).read_bytes())
         with Image.open(io.BytesIO(storage.read_bytes(path))) as picture:
-            picture.thumbnail((THUMBNAIL, THUMBNAIL))
-            buffer = io.BytesIO()
-            picture.convert("RGB").save(buffer, format="JPEG", quality=85)
+            return data_uri(thumbnail_jpeg(picture))
     except (OSError, ValueError):
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def thumbnail_jpeg(picture) -> bytes:
+    """A PIL image made a thumbnail (in place) and encoded as JPEG."""
+    picture.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    picture.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+THUMBNAILS = ".thumbnails"
+"""runs/.thumbnails/<run id>/<image>.jpg: thumbnails kept for the run's report."""
+
+
+def kept_thumbnail(root: str, run_id: str, name: str) -> str | None:
+    """Where keep_thumbnail keeps an image's thumbnail (local roots), or None."""
+    return None if storage.is_remote(root) else str(Path(root, "runs", THUMBNAILS, run_id, f"{name}.jpg"))
+
+
+def keep_thumbnail(root: str, run_id: str, name: str, picture) -> None:
+    """Make the report's thumbnail of an image's preview while the picture is still in memory
+    (the finalize stage, beside the model's work) and keep it until the run's report is
+    written: at the end of a night of 1,000 images of 512² the report then reads 1,000 small
+    JPEGs instead of decoding 1,000 PNGs (12 ms each, about 10 s). The same bytes as from the
+    file: PNG is lossless. Local roots only; on object storage the report decodes the previews."""
+    path = kept_thumbnail(root, run_id, name)
+    if path is None:
+        return
+    try:
+        storage.write_whole(path, thumbnail_jpeg(picture.copy()))
+    except OSError:  # only a shortcut: the report decodes the preview instead
+        pass
+
+
+def forget_thumbnails(root: str, report: dict) -> None:
+    """Remove the thumbnails kept for the run of `report` (also those of images that failed
+    after their finalize), and runs/.thumbnails once empty. Whatever removes them early, the
+    report only decodes the previews again."""
+    folder = kept_thumbnail(root, report["run_id"], "_")
+    if folder is None:
+        return
+    folder = Path(folder).parent
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()
+    except OSError:  # another run's thumbnails are there, or none ever were
+        pass
+
+
+def is_newer(kept: str, path: str) -> bool:
+    """`kept` exists and was written no earlier than `path` (a missing `path`: False)."""
+    try:
+        return os.stat(kept).st_mtime_ns >= os.stat(path).st_mtime_ns
+    except OSError:
+        return False
 
 
 def colour(colours: dict, name: str) -> str:

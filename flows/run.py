@@ -98,11 +98,18 @@ def started(run: Run) -> Iterator[Run]:
         except OSError as exc:
             raise storage_problem(run.out_root, exc) or exc
         yield dataclasses.replace(run, run_date=run_date)
-        try:
-            compact(run.stats_root)
-        except OSError as exc:  # pending rows are read as they are, and the next run folds them
-            problem = storage_problem(run.out_root, exc) or exc
-            logger.warning("statistics left pending, not folded into the run's files: %s", problem)
+        fold_statistics(run)
+
+
+def fold_statistics(run: Run) -> None:
+    """Fold the run's pending statistics rows into its files (pipelines.stats.compact). A run
+    does it before its report, whose chart of the nights then reads one file per run instead of
+    one per image; `started` does it again on a normal exit, for runs that have no report."""
+    try:
+        compact(run.stats_root)
+    except OSError as exc:  # pending rows are read as they are, and the next run folds them
+        problem = storage_problem(run.out_root, exc) or exc
+        logger.warning("statistics left pending, not folded into the run's files: %s", problem)
 
 
 @dataclass(frozen=True)

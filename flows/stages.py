@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, Union
 import numpy as np
 import pyarrow as pa
 
+from flows.html_report import keep_thumbnail
 from flows.manifest import mark_done
 from flows.options import RunOptions
 from flows.progress import stage_progress
@@ -343,6 +344,8 @@ def finalize(image: ImageRun) -> tuple[str, ...]:
                 shutil.rmtree(staged / output.file, ignore_errors=True)
                 continue
             written.append(output.file)
+        if (picture := context.pictures.get("preview")) is not None:  # drawn and saved
+            keep_thumbnail(image.run.out_root, image.run.run_id, image.name, picture)
         storage.publish_folder(staged, image.output_dir, previous=storage.join(work.path, "previous-output"))
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -251,7 +251,7 @@ def compact(stats_root: str | Path) -> int:
             by_run.setdefault((partition_name, run_id), []).append(path)
         for (partition_name, run_id), pending in sorted(by_run.items()):
             run_file = f"{_root(stats_root)}/{name}/{partition_name}/{run_id}.parquet"
-            fresh = pa.concat_tables([_read_parquet(p, TABLES[name]) for p in sorted(pending)])
+            fresh = pa.concat_tables(_read_all(sorted(pending), TABLES[name]))
             if _exists(run_file):
                 earlier = _read_parquet(run_file, TABLES[name])
                 replaced = pc.is_in(earlier["image_uri"], value_set=pc.unique(fresh["image_uri"]))
@@ -309,8 +309,8 @@ def read_table(stats_root: str | Path, name: str = "image_class") -> pa.Table:
     """Every row of a table, pending rows superseding compacted rows of the same run and image."""
     schema = TABLES[name]
     compacted, pending = table_files(stats_root, name)
-    rows = [_read_parquet(p, schema) for p in compacted]
-    fresh = pa.concat_tables([_read_parquet(p, schema) for p in pending]) if pending else schema.empty_table()
+    rows = _read_all(compacted, schema)
+    fresh = pa.concat_tables(_read_all(pending, schema)) if pending else schema.empty_table()
     if fresh.num_rows:
         superseded = set(zip(fresh["run_id"].to_pylist(), fresh["image_uri"].to_pylist()))
         rows = [t.filter(pa.array([(r, u) not in superseded for r, u in zip(t["run_id"].to_pylist(), t["image_uri"].to_pylist())], pa.bool_()))
@@ -372,12 +372,26 @@ def _remove(path: str) -> None:
     storage.remove(path)
 
 
+def _read_all(paths: list[str], schema: pa.Schema) -> list[pa.Table]:
+    """_read_parquet of each path, in order, several at once: a night leaves a small pending
+    file per image and table (1,000 images: 2,000 files, 1 ms each), and the decoding releases
+    the GIL."""
+    if len(paths) < 8:
+        return [_read_parquet(path, schema) for path in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda path: _read_parquet(path, schema), paths))
+
+
 def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
     """A file's rows in the table's full schema: run_date from its partition folder (files of
     version 2 also hold it as a column), the columns of newer versions as nulls."""
     fs, local = storage.filesystem(path)
     with fs.open(local, "rb") as handle:
-        table = pq.read_table(handle)
+        # The file alone, not pq.read_table's dataset machinery: the same rows in half the time
+        # for the small files a night leaves.
+        table = pq.ParquetFile(handle).read()
     if PARTITION_KEY not in table.column_names:
         table = table.append_column(PARTITION_KEY, pa.array([run_date_of(path)] * table.num_rows, pa.date32()))
     columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)

@@ -15,7 +15,7 @@ import pytest
 import rasterio
 import torch
 
-from flows import stages
+from flows import html_report, stages
 from flows.archive_flow import image_batches, run_night
 from flows.cli import main
 from flows.options import RunOptions
@@ -56,14 +56,36 @@ def rows_of(root: Path, image: str) -> list[tuple]:
     return list(zip(*(table[column].to_pylist() for column in COMPARED)))
 
 
-def test_a_night_of_small_images_gives_the_bytes_each_gives_alone_on_an_actor(ray_cluster, prefect_server, tmp_path):
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Count the calls of module.name: the list gains a 1 per call."""
+    calls, function = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_a_night_of_small_images_gives_the_bytes_each_gives_alone_on_an_actor(ray_cluster, prefect_server, tmp_path,
+                                                                               monkeypatch):
     images = write_archive(tmp_path / "archive")
     card = write_small_net_card(tmp_path, tile=64)
     options = ["--block", "128", "--run-id", RUN_ID]
 
     night = tmp_path / "night"
+    thumbnails_made = count_calls(monkeypatch, html_report, "thumbnail_jpeg")
     report = run_night(str(tmp_path / "archive"), str(card), str(night), RunOptions(block=128, run_id=RUN_ID))
     assert sorted(report["done"]) == sorted(path.stem for path in images)
+    # The report's thumbnails were made in finalize, from the pictures in memory (one each, none
+    # decoded again for the report), are the bytes decoding the previews gives, and are not left behind.
+    assert thumbnails_made == [1] * len(images)
+    page = (night / "runs" / f"{RUN_ID}.html").read_bytes()
+    assert not (night / "runs" / html_report.THUMBNAILS).exists()
+    assert main(["report", str(night), "--run-id", RUN_ID]) == 0
+    assert thumbnails_made == [1] * len(images) * 2, "the rebuilt page decoded each preview"
+    assert (night / "runs" / f"{RUN_ID}.html").read_bytes() == page
 
     alone, local = tmp_path / "alone", tmp_path / "local"
     for path in images:  # each on a Ray actor of its own, its blocks one group
@@ -208,3 +230,32 @@ def test_integer_pixels_skip_the_search_for_nan_and_get_the_same_inputs(sentinel
     tiny = BlockPredictor(dataclasses.replace(card, std=(1e-37,) * 3))
     assert not tiny.stays_finite(torch.from_numpy(pixels).dtype)
     assert torch.isfinite(normalised(tiny, pixels)[1]).all()
+
+
+def test_the_report_takes_a_kept_thumbnail_only_when_written_after_its_preview(tmp_path):
+    from PIL import Image
+
+    with rasterio.open(write_tiled_scene(tmp_path / "tiled.tif", 512)) as src:
+        stretched = src.read(window=((0, 500), (0, 400))).transpose(1, 2, 0)
+    root, preview = tmp_path / "root", tmp_path / "root" / "north" / "preview.png"
+    preview.parent.mkdir(parents=True)
+    picture = Image.fromarray(stretched)
+    picture.save(preview, compress_level=1)
+    html_report.keep_thumbnail(str(root), RUN_ID, "north", picture)
+    kept = html_report.kept_thumbnail(str(root), RUN_ID, "north")
+    assert picture.size == (400, 500), "the picture kept is not changed"
+    decoded = html_report.thumbnail(str(preview))
+    assert html_report.thumbnail(str(preview), kept) == decoded, "the same bytes as decoding the preview"
+
+    # What is kept is what the report takes, without decoding the preview ...
+    other = Image.fromarray(255 - stretched)
+    Path(kept).write_bytes(html_report.thumbnail_jpeg(other))
+    assert html_report.thumbnail(str(preview), kept) == html_report.data_uri(Path(kept).read_bytes()) != decoded
+    # ... unless the preview was written after it (a thumbnail an earlier attempt left behind).
+    later = os.stat(kept).st_mtime_ns + 1_000_000_000
+    os.utime(preview, ns=(later, later))
+    assert html_report.thumbnail(str(preview), kept) == decoded
+
+    html_report.forget_thumbnails(str(root), {"run_id": RUN_ID, "done": ["north"]})
+    assert not (root / "runs" / html_report.THUMBNAILS).exists()
+    assert html_report.kept_thumbnail("s3://bucket/root", RUN_ID, "north") is None, "local roots only"

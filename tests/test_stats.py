@@ -151,6 +151,32 @@ def test_an_interrupted_compaction_never_counts_an_image_twice(tmp_path):
     assert run_file.read_bytes() == before
 
 
+def test_many_pending_files_fold_into_the_bytes_of_one_pending_file(tmp_path, monkeypatch):
+    """A night's pending files (one per image) are read several at once: the rows, their order
+    and the run's file are those of the same rows folded from one file, or read one at a time."""
+    from pipelines import stats
+
+    whole = tmp_path / "whole"
+    generate_dataset(whole, images=24, classes=4, nights=1)
+    [run_file] = (whole / "image_class").rglob("*.parquet")
+    rows = read_table(whole)
+    run_id = rows["run_id"][0].as_py()
+    folded = {}
+    for how in ("several at once", "one at a time"):
+        root = tmp_path / how.replace(" ", "-")
+        begin_run(root, run_id, FIRST_NIGHT)
+        for image in reversed(rows["image"].unique().to_pylist()):
+            write_image_rows(root, run_id, FIRST_NIGHT, image,
+                             {"image_class": rows.filter(pc.equal(rows["image"], image))})
+        if how == "one at a time":
+            monkeypatch.setattr(stats, "_read_all", lambda paths, schema: [stats._read_parquet(p, schema) for p in paths])
+        assert len(table_files(root, "image_class")[1]) == 24
+        assert key_rows(read_table(root), "image", "class_id", "pixel_count") == key_rows(rows, "image", "class_id", "pixel_count")
+        assert compact(root) == 24
+        folded[how] = next((root / "image_class").rglob("*.parquet")).read_bytes()
+    assert folded["several at once"] == folded["one at a time"] == run_file.read_bytes()
+
+
 def test_files_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
     stats_root = tmp_path / "stats"
     generate_dataset(stats_root, images=3, classes=2, nights=1)

@@ -48,6 +48,9 @@ class OutputContext:
     """Where the labels come from: model, model_version, model_digest, run_id, segpipe_version."""
     options: dict = field(default_factory=dict)
     """Options of the outputs (`simplify`: the polygons' tolerance in pixels)."""
+    pictures: dict = field(default_factory=dict)
+    """What outputs drew, by output name (the preview's PIL image, as saved), for the caller to
+    reuse without decoding the file again (the run report's thumbnails)."""
 
 
 @dataclass(frozen=True)

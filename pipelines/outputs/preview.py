@@ -23,8 +23,9 @@ def render_preview(
     classes: tuple[ClassInfo, ...],
     path: Path,
     max_side: int = 1024,
-) -> None:
-    """`image`: (band, y, x), a Zarr array or pipelines.sources.SourcePixels (a source read in place)."""
+) -> Image.Image:
+    """`image`: (band, y, x), a Zarr array or pipelines.sources.SourcePixels (a source read in
+    place). Returns the picture saved."""
     height, width = labels.shape
     step = max(1, -(-max(height, width) // max_side))
     # One read of the range of bands shown, not one per band (a chunk holds every band anyway;
@@ -34,7 +35,9 @@ def render_preview(
     shown = np.stack([pixels[band - first] for band in rgb_bands], axis=-1)
     picture = Image.fromarray(preview_pixels(shown, np.asarray(labels[::step, ::step]), classes))
     # Fast zlib: a preview is looked at, not archived (level 6 took half the finalize stage).
-    draw_legend(picture, classes).save(path, compress_level=1)
+    canvas = draw_legend(picture, classes)
+    canvas.save(path, compress_level=1)
+    return canvas
 
 
 def preview_pixels(shown: np.ndarray, labels: np.ndarray, classes: tuple[ClassInfo, ...]) -> np.ndarray:
@@ -167,7 +170,7 @@ def write(context: OutputContext, folder: Path) -> None:
     if len(labels.shape) == 3:
         middle = labels.shape[0] // 2
         image, labels = image[:, middle], labels[middle]
-    render_preview(image, labels, bands, context.card.classes, folder / OUTPUT.file)
+    context.pictures[OUTPUT.name] = render_preview(image, labels, bands, context.card.classes, folder / OUTPUT.file)
 
 
 OUTPUT = Output("preview", "preview.png", write, description="the image with the class overlay and a legend",
