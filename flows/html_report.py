@@ -164,7 +164,7 @@ def relative(root: str, path: str) -> str:
         return Path(path).resolve().as_uri()
 
 
-def thumbnails(pictures: list[tuple[str | None, str]]) -> list[str | None]:
+def thumbnails(pictures: list[tuple[str | None, str | None]]) -> list[str | None]:
     """thumbnail() of each (preview, kept thumbnail) (no preview: None), several at once:
     decoding and encoding release the GIL, and a night's report has a picture per image."""
     from concurrent.futures import ThreadPoolExecutor
@@ -205,9 +205,15 @@ THUMBNAILS = ".thumbnails"
 """runs/.thumbnails/<run id>/<image>.jpg: thumbnails kept for the run's report."""
 
 
+def kept_thumbnails(root: str, run_id: str) -> Path | None:
+    """The folder of a run's kept thumbnails (local roots), or None."""
+    return None if storage.is_remote(root) else Path(root, "runs", THUMBNAILS, run_id)
+
+
 def kept_thumbnail(root: str, run_id: str, name: str) -> str | None:
     """Where keep_thumbnail keeps an image's thumbnail (local roots), or None."""
-    return None if storage.is_remote(root) else str(Path(root, "runs", THUMBNAILS, run_id, f"{name}.jpg"))
+    folder = kept_thumbnails(root, run_id)
+    return None if folder is None else str(folder / f"{name}.jpg")
 
 
 def keep_thumbnail(root: str, run_id: str, name: str, picture) -> None:
@@ -229,10 +235,9 @@ def forget_thumbnails(root: str, report: dict) -> None:
     """Remove the thumbnails kept for the run of `report` (also those of images that failed
     after their finalize), and runs/.thumbnails once empty. Whatever removes them early, the
     report only decodes the previews again."""
-    folder = kept_thumbnail(root, report["run_id"], "_")
+    folder = kept_thumbnails(root, report["run_id"])
     if folder is None:
         return
-    folder = Path(folder).parent
     shutil.rmtree(folder, ignore_errors=True)
     try:
         folder.parent.rmdir()
