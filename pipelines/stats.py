@@ -257,10 +257,11 @@ def compact(stats_root: str | Path) -> int:
                 replaced = pc.is_in(earlier["image_uri"], value_set=pc.unique(fresh["image_uri"]))
                 fresh = pa.concat_tables([earlier.filter(pc.invert(replaced)), fresh])
             _write_parquet(run_file, fresh.sort_by([(key, "ascending") for key in SORT_KEYS[name]]))
-            for path in pending:
-                _remove(path)
-            for path in pending:  # no empty folders left behind for readers to wade through
-                _remove_empty_folders(path.rsplit("/", 1)[0], stop=_root(stats_root))
+            storage.remove_files(pending)
+            # No empty folders left behind for readers to wade through; each folder looked at
+            # once, not once per file (on object storage that is two listings a file).
+            for folder in sorted({path.rsplit("/", 1)[0] for path in pending}, reverse=True):
+                _remove_empty_folders(folder, stop=_root(stats_root))
             folded += len(pending)
     return folded
 
@@ -366,10 +367,6 @@ def _file_columns(path: str) -> list[str]:
 def _exists(path: str) -> bool:
     fs, local = storage.filesystem(path)
     return fs.exists(local)
-
-
-def _remove(path: str) -> None:
-    storage.remove(path)
 
 
 def _read_all(paths: list[str], schema: pa.Schema) -> list[pa.Table]:

@@ -317,6 +317,24 @@ def remove(uri: str | Path) -> None:
         pass
 
 
+def remove_files(uris: list[str]) -> None:
+    """Remove files or objects, those that are there (all in one bucket): on object storage in
+    requests of up to a thousand keys instead of one request per object."""
+    remote = [uri for uri in uris if is_remote(uri)]
+    for uri in uris:
+        if not is_remote(uri):
+            remove(uri)
+    if not remote:
+        return
+    fs, _ = filesystem(remote[0])
+    keys = [filesystem(uri)[1] for uri in remote]
+    if any(character in key for key in keys for character in GLOB_CHARACTERS):
+        for uri in remote:  # fs.rm would take such a name as a glob pattern
+            remove(uri)
+    else:
+        fs.rm(keys)
+
+
 def remove_tree(uri: str | Path) -> None:
     """Remove a folder or everything under a prefix, if there is anything."""
     if not is_remote(uri):

@@ -151,9 +151,12 @@ def test_an_interrupted_compaction_never_counts_an_image_twice(tmp_path):
     assert run_file.read_bytes() == before
 
 
-def test_many_pending_files_fold_into_the_bytes_of_one_pending_file(tmp_path, monkeypatch):
-    """A night's pending files (one per image) are read several at once: the rows, their order
-    and the run's file are those of the same rows folded from one file, or read one at a time."""
+def test_many_pending_files_fold_into_the_bytes_of_one_pending_file(s3_server, tmp_path, monkeypatch):
+    """A night's pending files (one per image) are read several at once and removed in bulk: the
+    rows, their order and the run's file are those of the same rows folded from one file, or
+    read one at a time, on a local root and on S3, and nothing pending is left."""
+    import fsspec
+
     from pipelines import stats
 
     whole = tmp_path / "whole"
@@ -161,9 +164,12 @@ def test_many_pending_files_fold_into_the_bytes_of_one_pending_file(tmp_path, mo
     [run_file] = (whole / "image_class").rglob("*.parquet")
     rows = read_table(whole)
     run_id = rows["run_id"][0].as_py()
+    bucket = f"segpipe-{uuid.uuid4().hex[:12]}"
+    s3 = fsspec.filesystem("s3", endpoint_url=s3_server, skip_instance_cache=True)
+    s3.mkdir(bucket)
     folded = {}
-    for how in ("several at once", "one at a time"):
-        root = tmp_path / how.replace(" ", "-")
+    for how in ("on S3", "several at once", "one at a time"):
+        root = f"s3://{bucket}/stats" if how == "on S3" else tmp_path / how.replace(" ", "-")
         begin_run(root, run_id, FIRST_NIGHT)
         for image in reversed(rows["image"].unique().to_pylist()):
             write_image_rows(root, run_id, FIRST_NIGHT, image,
@@ -173,8 +179,12 @@ def test_many_pending_files_fold_into_the_bytes_of_one_pending_file(tmp_path, mo
         assert len(table_files(root, "image_class")[1]) == 24
         assert key_rows(read_table(root), "image", "class_id", "pixel_count") == key_rows(rows, "image", "class_id", "pixel_count")
         assert compact(root) == 24
-        folded[how] = next((root / "image_class").rglob("*.parquet")).read_bytes()
-    assert folded["several at once"] == folded["one at a time"] == run_file.read_bytes()
+        assert table_files(root, "image_class")[1] == []
+        [compacted], _ = table_files(root, "image_class")
+        folded[how] = s3.cat_file(compacted) if how == "on S3" else Path(compacted).read_bytes()
+    assert folded["several at once"] == folded["one at a time"] == folded["on S3"] == run_file.read_bytes()
+    assert s3.find(f"{bucket}/stats/_pending") == [], "no pending object left on S3"
+    assert not (tmp_path / "several-at-once" / "_pending").exists(), "no empty folder left"
 
 
 def test_files_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):

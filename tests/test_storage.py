@@ -236,3 +236,26 @@ def test_a_zarr_array_on_s3_is_segmented_in_place(ray_cluster, bucket, sentinel_
     labels = zarr.open_array(str(tmp_path / "out" / "scene" / "labels.ome.zarr" / "labels" / "s2-cloud" / "0"))[:]
     with rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as reference:
         np.testing.assert_array_equal(labels, reference.read(1))
+
+
+def test_remove_files_takes_a_thousand_objects_a_request_and_leaves_the_others(s3, bucket, tmp_path):
+    keys = [f"stats/_pending/run/{index:05d}.parquet" for index in range(1003)]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"rows")
+    s3.put_object(Bucket=bucket, Key="stats/_pending/run/kept.parquet", Body=b"rows")
+    storage.remove_files([f"s3://{bucket}/{key}" for key in keys] + [f"s3://{bucket}/stats/not-there.parquet"])
+    left = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="stats/")["Contents"]]
+    assert left == ["stats/_pending/run/kept.parquet"], "more than one request's worth, the rest untouched"
+
+    # Names with glob characters are names, not patterns: "a[1]" does not remove "a1".
+    for key in ("root[1]/a.parquet", "root1/a.parquet"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"rows")
+    storage.remove_files([f"s3://{bucket}/root[1]/a.parquet"])
+    assert [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="root")["Contents"]] == ["root1/a.parquet"]
+
+    local = [tmp_path / "a[1].parquet", tmp_path / "b.parquet"]
+    for path in local:
+        path.write_bytes(b"rows")
+    (tmp_path / "a1.parquet").write_bytes(b"rows")
+    storage.remove_files([str(path) for path in local] + [str(tmp_path / "gone.parquet")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a1.parquet"]
