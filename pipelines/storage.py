@@ -107,6 +107,11 @@ def stat(uri: str | Path) -> tuple[int, str]:
 GLOB_CHARACTERS = ("*", "?", "[")
 
 
+def has_glob_characters(text: str) -> bool:
+    """Whether fsspec would take `text` as a glob pattern rather than a name."""
+    return any(character in text for character in GLOB_CHARACTERS)
+
+
 def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes: Iterable[str] = ()) -> list[str]:
     """Files directly in a folder / under a prefix whose names end in one of `suffixes`
     (case-insensitive, e.g. (".tif", ".tiff")), and folders whose names end in one of
@@ -119,7 +124,7 @@ def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes
     folder as it was given.
     """
     uri_prefix = str(uri_prefix)
-    if any(character in uri_prefix for character in GLOB_CHARACTERS) and not _is_folder(uri_prefix):
+    if has_glob_characters(uri_prefix) and not _is_folder(uri_prefix):
         return _glob_files(uri_prefix)
     endings = {"file": tuple(s.lower() for s in suffixes), "directory": tuple(s.lower() for s in folder_suffixes)}
     if not is_remote(uri_prefix):
@@ -328,11 +333,12 @@ def remove_files(uris: list[str]) -> None:
         return
     fs, _ = filesystem(remote[0])
     keys = [filesystem(uri)[1] for uri in remote]
-    if any(character in key for key in keys for character in GLOB_CHARACTERS):
-        for uri in remote:  # fs.rm would take such a name as a glob pattern
+    for uri, key in zip(remote, keys):
+        if has_glob_characters(key):  # fs.rm would take such a name as a glob pattern
             remove(uri)
-    else:
-        fs.rm(keys)
+    plain = [key for key in keys if not has_glob_characters(key)]
+    if plain:
+        fs.rm(plain)
 
 
 def remove_tree(uri: str | Path) -> None:
@@ -342,7 +348,7 @@ def remove_tree(uri: str | Path) -> None:
         return
     fs, path = filesystem(uri)
     found = fs.find(path.rstrip("/"))
-    if any(character in path for character in GLOB_CHARACTERS):
+    if has_glob_characters(path):
         for name in found:  # fs.rm would take the name as a glob pattern
             fs.rm_file(name)
     elif found:

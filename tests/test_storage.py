@@ -252,6 +252,11 @@ def test_remove_files_takes_a_thousand_objects_a_request_and_leaves_the_others(s
         s3.put_object(Bucket=bucket, Key=key, Body=b"rows")
     storage.remove_files([f"s3://{bucket}/root[1]/a.parquet"])
     assert [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="root")["Contents"]] == ["root1/a.parquet"]
+    # Mixed with plain names: each kind removed, and still nothing matched as a pattern.
+    for key in ("root[1]/a.parquet", "root2/b.parquet"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"rows")
+    storage.remove_files([f"s3://{bucket}/root[1]/a.parquet", f"s3://{bucket}/root2/b.parquet"])
+    assert [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="root")["Contents"]] == ["root1/a.parquet"]
 
     local = [tmp_path / "a[1].parquet", tmp_path / "b.parquet"]
     for path in local:
