@@ -198,13 +198,18 @@ def plan_segment(
     shape = source.shape if source is not None else zarr.open_array(str(image_store), mode="r").shape[1:]
     grid = TileGrid(shape, options.tile, options.overlap)
     attributes = {"classes": [c.name for c in card.classes], "model": card.name}
-    label_store = str(label_store)
-    recorded = work.block_records() if work and storage.exists(storage.join(label_store, "zarr.json")) else {}
-    if not recorded:
-        create_label_store(label_store, shape, chunk=options.tile, block=options.block, attributes=attributes)
-        if probability_store:
-            create_probability_store(probability_store, card.num_classes, shape, options.tile, options.block,
-                                     attributes)
+    if work is not None and work.in_memory:  # the labels come back with the results and stay in memory
+        work.create_labels(shape, options.block)
+        recorded, label_store, blocks = {}, None, block_partition(shape, (options.block,) * len(shape))
+    else:
+        label_store = str(label_store)
+        recorded = work.block_records() if work and storage.exists(storage.join(label_store, "zarr.json")) else {}
+        if not recorded:
+            create_label_store(label_store, shape, chunk=options.tile, block=options.block, attributes=attributes)
+            if probability_store:
+                create_probability_store(probability_store, card.num_classes, shape, options.tile, options.block,
+                                         attributes)
+        blocks = store_blocks(label_store)
     with_data = tiles_with_data(grid, background_mask) if background_mask is not None else None
     jobs = [
         BlockJob(
@@ -226,7 +231,7 @@ def plan_segment(
             source=source,
             source_bands=source_bands,
         )
-        for block in store_blocks(label_store)
+        for block in blocks
     ]
     results: list[BlockResult | None] = [recorded.get(job.block.start) for job in jobs]
     blocks_resumed = sum(result is not None for result in results)
@@ -316,12 +321,12 @@ def finalize(image: ImageRun) -> tuple[str, ...]:
 
     work = image.work
     remote = storage.is_remote(image.run.out_root)
-    staged = Path(tempfile.mkdtemp(prefix=f"segpipe-{image.name}-")) if remote else Path(work.path) / "output"
+    staged = Path(tempfile.mkdtemp(prefix=f"segpipe-{image.name}-")) if remote else Path(image.work_path) / "output"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     context = OutputContext(
         name=image.name, source=image.source, card=image.run.card,
-        labels=zarr.open_array(work.label_store, mode="r"),
+        labels=work.labels(),
         image=SourcePixels(image.source, image.bands) if image.reads_in_place else zarr.open_array(image.image_store, mode="r"),
         image_bands=image.store_bands,
         probability_store=work.probability_store if image.needs_probabilities else None,
@@ -346,9 +351,11 @@ def finalize(image: ImageRun) -> tuple[str, ...]:
             written.append(output.file)
         if (picture := context.pictures.get("preview")) is not None:  # drawn and saved
             keep_thumbnail(image.run.out_root, image.run.run_id, image.name, picture)
-        storage.publish_folder(staged, image.output_dir, previous=storage.join(work.path, "previous-output"))
+        storage.publish_folder(staged, image.output_dir, previous=storage.join(image.work_path, "previous-output"))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        if work.in_memory and not remote:  # the folder was only for staging
+            shutil.rmtree(image.work_path, ignore_errors=True)
     return tuple(written)
 
 
@@ -400,12 +407,10 @@ def record(image: ImageRun, summary: SegmentSummary, written: tuple[str, ...]) -
 
 
 def count_regions(image: ImageRun, regions) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    import zarr
-
     source = image.source
     if len(source.shape) != 2:
         raise InputError(regions.source, "region statistics need a 2D image, not a volume")
-    labels = zarr.open_array(image.work.label_store, mode="r")
+    labels = image.work.labels()
     counted = region_class_counts(regions, labels, source.crs_wkt, source.transform, image.run.card.num_classes,
                                   source.pixel_areas().row_areas)
     return [(r.region, r.counts, r.areas) for r in counted]

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.tiling import Box
+from pipelines.zarr_stores import LabelsInMemory
 from segworkers.predictor import BlockResult
 
 
@@ -32,6 +33,8 @@ def block_id(box: Box) -> str:
 class WorkFolder:
     path: str
     """A local folder or an s3:// prefix."""
+
+    in_memory = False
 
     @property
     def image_store(self) -> str:
@@ -113,6 +116,12 @@ class WorkFolder:
                   "class_areas": None if result.class_areas is None else result.class_areas.tolist()}
         storage.write_whole(storage.join(self.blocks_dir, f"{block_id(result.block)}.json"), json.dumps(record).encode())
 
+    def labels(self):
+        """The label store, for the outputs and the region counts to read."""
+        import zarr
+
+        return zarr.open_array(self.label_store, mode="r")
+
     def block_records(self) -> dict[tuple[int, ...], BlockResult]:
         records = {}
         for name in storage.list_names(self.blocks_dir):
@@ -125,6 +134,49 @@ class WorkFolder:
                 record["tiles_run"], None if areas is None else np.asarray(areas, dtype=np.float64),
             )
         return records
+
+
+class WorkInMemory:
+    """What a work folder holds, kept in this process instead, for an image small enough to be
+    redone whole (flows.run.ImageRun.works_in_memory): its mask and its labels, which come back
+    with the block results instead of going through a Zarr store. Nothing of it outlives the
+    process, so a run killed before such an image is done segments it again; the images done
+    (in the manifest) are not redone."""
+
+    in_memory = True
+    label_store = None
+    probability_store = None
+
+    def __init__(self):
+        self.background_mask: np.ndarray | None = None
+        self.label_array: LabelsInMemory | None = None
+
+    def prepare(self, state: dict) -> bool:
+        return False
+
+    def remove(self) -> None:
+        self.background_mask = self.label_array = None
+
+    def has_background_mask(self) -> bool:
+        return self.background_mask is not None
+
+    def save_background_mask(self, mask: np.ndarray) -> None:
+        self.background_mask = mask
+
+    def load_background_mask(self) -> np.ndarray | None:
+        return self.background_mask
+
+    def create_labels(self, shape: tuple[int, ...], block: int) -> None:
+        self.label_array = LabelsInMemory(shape, block)
+
+    def write_block_record(self, result: BlockResult) -> None:
+        self.label_array.write(result.block, result.labels)
+
+    def labels(self) -> LabelsInMemory:
+        return self.label_array
+
+    def block_records(self) -> dict[tuple[int, ...], BlockResult]:
+        return {}
 
 
 def remove_stale_work_folders(out_root: str, is_done: Callable[[str], bool]) -> list[str]:

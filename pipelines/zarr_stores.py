@@ -123,6 +123,38 @@ def create_label_store(store_path: Path, shape: tuple[int, ...], chunk: int, blo
     )
 
 
+class LabelsInMemory:
+    """An image's labels held in memory, read like the label store they stand for: its shape,
+    dtype and shards (the output block), every pixel never written NODATA_LABEL, and each read a
+    fresh array (a writer may change what it reads). For small images, whose round trip through
+    a Zarr store cost more CPU than their outputs (flows.run.ImageRun.works_in_memory)."""
+
+    def __init__(self, shape: tuple[int, ...], block: int):
+        self.array = np.full(shape, NODATA_LABEL, dtype=np.uint8)
+        self.shards = (block,) * len(shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def write(self, box: Box, labels: np.ndarray) -> None:
+        self.array[box.slices()] = labels
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(self.array[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.array(self.array, dtype=dtype)
+
+
 def create_probability_store(
     store_path: Path, num_classes: int, shape: tuple[int, ...], chunk: int, block: int, attributes: dict
 ) -> zarr.Array:

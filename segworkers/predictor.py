@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BlockJob:
     image_store: str
-    label_store: str
+    label_store: str | None
+    """Where the block's labels are written; None: they come back in BlockResult.labels."""
     block: Box
     tiles: tuple[Box, ...]
     """The grid's tiles that touch the block (grown by the card's block_margin) and hold data, in global grid order."""
@@ -80,6 +81,8 @@ class BlockResult:
     """Area per class from the same labels and the job's row_areas."""
     node: str = ""
     """The Ray node that segmented the block (set by the actor; not part of any output)."""
+    labels: np.ndarray | None = None
+    """The block's labels, when its job has no label store to write them to."""
 
 
 @dataclass
@@ -243,13 +246,15 @@ class BlockPredictor:
             block.labels, block.row_counts = labels.numpy(), row_counts.numpy()
             block.probabilities = probabilities[(slice(None), *in_block)]
         labels, row_counts, probabilities = block.labels, block.row_counts, block.probabilities
-        zarr.open_array(job.label_store, mode="r+")[job.block.slices()] = labels
+        if job.label_store is not None:
+            zarr.open_array(job.label_store, mode="r+")[job.block.slices()] = labels
         if job.probability_store:
             probabilities = quantise_probabilities(probabilities)
             probabilities[:, labels == NODATA_LABEL] = 0  # no class has the nodata label
             zarr.open_array(job.probability_store, mode="r+")[(slice(None), *job.block.slices())] = probabilities
         areas = None if job.row_areas is None else np.array([in_rows @ job.row_areas for in_rows in row_counts])
-        return BlockResult(job.block, row_counts.sum(axis=1), len(job.tiles), areas)
+        return BlockResult(job.block, row_counts.sum(axis=1), len(job.tiles), areas,
+                           labels=labels if job.label_store is None else None)
 
     def read_context(self, image: zarr.Array, context: Box, job: BlockJob) -> np.ndarray:
         try:

@@ -115,10 +115,10 @@ def test_images_go_through_the_stages_in_batches_bounded_in_pixels_and_images(tm
     assert sum(len(batch) for batch in batches) == len(sides)
 
 
-def segment_with_stages(card: Path, path: Path, out: Path, after_ingest) -> None:
+def segment_with_stages(card: Path, path: Path, out: Path, after_ingest, **options) -> None:
     """`path` through the stages in this process; `after_ingest(image)` is called between ingest
     and segment."""
-    run = prepare_run(str(card), str(out), RunOptions(run_id=RUN_ID))
+    run = prepare_run(str(card), str(out), RunOptions(run_id=RUN_ID, **options))
     with started(run) as run:
         image = claim_folder(plan_image(run, str(path)))
 
@@ -131,32 +131,51 @@ def segment_with_stages(card: Path, path: Path, out: Path, after_ingest) -> None
 
 
 def test_a_small_local_geotiff_is_read_in_place_with_the_bytes_of_a_copy(tmp_path, monkeypatch):
-    """A one-block GeoTIFF on a local disk is not copied into Zarr: the model and the preview
-    read the file itself, and the labels, preview and statistics are byte for byte those of the
-    Zarr copy (the path every larger image takes)."""
+    """A one-block GeoTIFF on a local disk is not copied into Zarr, and its work stays in memory:
+    the model and the preview read the file itself, the labels come back from the model without
+    a Zarr store, and the labels, preview and statistics (per class, per block, per region) are
+    byte for byte those of the Zarr copy and work folder (the path every larger image takes)."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
     chip = write_archive(tmp_path / "archive")[2]  # 150 x 150, one block
     with rasterio.open(chip) as src:  # a corner without data, so the masks are compared too
         profile, pixels = {**src.profile, "nodata": 0}, src.read()
+        left, bottom, right, top = src.bounds
     pixels[:, :30, :45] = 0
     with rasterio.open(chip, "w", **profile) as dst:
         dst.write(pixels)
     card = write_small_net_card(tmp_path, tile=64)
+    regions = tmp_path / "regions.gpkg"
+    middle = box(left + (right - left) / 4, bottom + (top - bottom) / 3, right - (right - left) / 5, top - 1)
+    gpd.GeoDataFrame({"name": ["middle", "whole"]}, geometry=[middle, box(left, bottom, right, top)],
+                     crs=profile["crs"]).to_file(regions)
 
-    def read_in_place(image) -> None:
-        assert image.reads_in_place and not Path(image.work.image_store).exists(), "copied into Zarr"
+    def worked_in_memory(image) -> None:
+        assert image.reads_in_place and image.works_in_memory
+        assert not Path(image.work_path).exists(), "no work folder: no Zarr copy, no mask file, no label store"
 
-    segment_with_stages(card, chip, tmp_path / "in-place", read_in_place)
+    segment_with_stages(card, chip, tmp_path / "in-place", worked_in_memory, regions=str(regions))
+    assert not any((tmp_path / "in-place" / ".work").iterdir()), "nothing staged is left behind"
     monkeypatch.setattr(ImageRun, "reads_in_place", property(lambda image: False))
 
     def copied(image) -> None:
-        assert Path(image.work.image_store, "zarr.json").exists()
+        assert not image.works_in_memory and Path(image.work.image_store, "zarr.json").exists()
 
-    segment_with_stages(card, chip, tmp_path / "copy", copied)
-    for name in ("labels.tif", "preview.png"):
+    segment_with_stages(card, chip, tmp_path / "copy", copied, regions=str(regions))
+    for name in ("labels.tif", "labels.tif.aux.xml", "preview.png"):
         assert (tmp_path / "in-place" / chip.stem / name).read_bytes() == (tmp_path / "copy" / chip.stem / name).read_bytes()
     in_place = rows_of(tmp_path / "in-place", chip.stem)
     assert in_place == rows_of(tmp_path / "copy", chip.stem)
     assert sum(row[COMPARED.index("pixel_count")] for row in in_place) == 150 * 150 - 30 * 45, "the corner is nodata"
+    for kind in ("block_class", "region_class"):
+        rows = [read_table(root / "stats", kind).drop_columns(["run_id", "run_date"]).sort_by(
+            [(name, "ascending") for name in ("class_id", *(["region"] if kind == "region_class" else []))])
+            for root in (tmp_path / "in-place", tmp_path / "copy")]
+        assert rows[0].num_rows > 0 and rows[0].equals(rows[1]), kind
+    whole = read_table(tmp_path / "in-place" / "stats", "region_class").filter(pc.equal(read_table(
+        tmp_path / "in-place" / "stats", "region_class")["region"], "whole"))
+    assert sum(whole["pixel_count"].to_pylist()) == 150 * 150 - 30 * 45, "the regions counted the labels"
 
 
 def test_a_small_scene_read_in_place_is_decoded_once_and_again_when_replaced(tmp_path, monkeypatch):
@@ -259,3 +278,60 @@ def test_the_report_takes_a_kept_thumbnail_only_when_written_after_its_preview(t
     html_report.forget_thumbnails(str(root), {"run_id": RUN_ID, "done": ["north"]})
     assert not (root / "runs" / html_report.THUMBNAILS).exists()
     assert html_report.kept_thumbnail("s3://bucket/root", RUN_ID, "north") is None, "local roots only"
+
+
+def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):
+    """Small images work in memory (no work folder): kill -9 of the driver mid-run loses the
+    images in progress, not the finished ones; the next run skips those, redoes the others whole,
+    and every output and statistics file is byte for byte that of a night never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import prefect.settings
+
+    big = write_tiled_scene(tmp_path / "tiled.tif", 640)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    with rasterio.open(big) as src:
+        for index in range(100):  # 64², one tile each: three batches of up to 32 images, one at a time
+            window = ((index // 10 * 64, index // 10 * 64 + 64), (index % 10 * 64, index % 10 * 64 + 64))
+            profile = {**src.profile, "width": 64, "height": 64, "transform": src.window_transform(window)}
+            with rasterio.open(archive / f"chip-{index:03d}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+    card = write_small_net_card(tmp_path, tile=64)
+    options = RunOptions(block=128, run_id=RUN_ID, concurrency=1)
+    whole = tmp_path / "whole"
+    assert len(run_night(str(archive), str(card), str(whole), options)["done"]) == 100
+
+    killed = tmp_path / "killed"
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(archive), "--model", str(card), "--out", str(killed),
+         "--block", "128", "--run-id", RUN_ID, "--concurrency", "1"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((killed / ".manifest").glob("*.json")):
+            assert time.monotonic() < deadline and driver.poll() is None, "no image was done"
+            time.sleep(0.02)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    done_before = {path.name for path in (killed / ".manifest").glob("*.json")}
+    assert 1 <= len(done_before) < 100, "killed mid-run"
+
+    report = run_night(str(archive), str(card), str(killed), options)
+    assert len(report["skipped"]) == len(done_before) and len(report["done"]) == 100 - len(done_before)
+    assert report["failed"] == {}
+    for index in range(100):
+        name = f"chip-{index:03d}"
+        for output in ("labels.tif", "preview.png"):
+            assert (killed / name / output).read_bytes() == (whole / name / output).read_bytes(), f"{name}/{output}"
+    for kind in ("image_class", "block_class"):
+        tables = [read_table(root / "stats", kind).sort_by([("image", "ascending"), ("class_id", "ascending")])
+                  for root in (killed, whole)]
+        assert tables[0].num_rows > 0 and tables[0].equals(tables[1]), kind
+    assert not any((killed / ".work").iterdir()), "nothing left in the work folders"
