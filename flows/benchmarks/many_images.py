@@ -7,8 +7,9 @@ The archive is `--images` crops of `--side`² cut from the real Sentinel-2 demo 
 (8-bit RGB GeoTIFFs, each crop at another offset); the model is the registry's unet_padded at
 `--base` features and `--depth` (random weights, 4 classes). Three measurements:
   model alone   every grid tile of every image, in full batches, through the model in this
-                process (the actor's torch threads, warm-up excluded): the time the night cannot
-                go below
+                process (on the CPU lanes of segpipe's predictor: as many batches at once as
+                the actor has threads, one torch thread each; warm-up excluded): the time the
+                night cannot go below
   start-up      `segpipe run` over one image, in a process of its own, less that image's
                 model time: starting Ray, Prefect's API, the actors, the model
   night         `segpipe run` over the archive, in a process of its own (as a user runs it)
@@ -83,8 +84,11 @@ def model_seconds(card_path: Path, images: list[Path], batch: int, threads: int)
     from pipelines.tiling import TileGrid
     from segworkers.tile_models import load_tile_model
 
+    from segworkers.predictor import CpuLanes
+
     card = load_card(card_path)
-    model = load_tile_model(card, "cpu", threads)
+    model = load_tile_model(card, "cpu", 1)
+    lanes = CpuLanes(threads)  # as the night runs it: batches on `threads` lanes of one torch thread
     with rasterio.open(images[0]) as src:
         pixels = src.read().astype(np.float32)
     grid = TileGrid(pixels.shape[1:], card.tile_size, card.overlap)
@@ -93,11 +97,12 @@ def model_seconds(card_path: Path, images: list[Path], batch: int, threads: int)
         np.asarray(card.std, np.float32)[:, None, None]
     tile = card.tile_size
     batch_input = torch.from_numpy(np.stack([values[:, :tile, :tile]] * batch))
-    model.forward(batch_input)  # warm-up
+    for _ in lanes.map(model.forward, [batch_input] * threads):  # warm-up, every lane
+        pass
     calls = -(-tiles // batch)
     started = time.perf_counter()
-    for _ in range(calls):
-        model.forward(batch_input)
+    for _ in lanes.map(model.forward, [batch_input] * calls):
+        pass
     per_call = (time.perf_counter() - started) / calls
     return per_call * tiles / batch, tiles
 
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                        help="torch threads of the model alone: those of segpipe's CPU actor (default 2)")
+                        help="lanes of the model alone: those of segpipe's CPU actor (default 2)")
     parser.add_argument("--keep", type=Path, help="keep the archive and outputs here (default: a temporary folder)")
     args = parser.parse_args(argv)
 
