@@ -206,6 +206,38 @@ def test_device_path_equals_a_per_tile_reference_with_statistics(rgb_image, card
     np.testing.assert_allclose(areas, expected_areas, rtol=1e-12)
 
 
+def test_two_cpu_lanes_give_the_bytes_of_one_with_two_batches_at_once(rgb_image, cards, tmp_path):
+    """A CPU predictor of two threads runs its batches on two lanes of one torch thread each:
+    the labels, probabilities and class counts of one batch after the other, with two forward
+    passes running at once."""
+    store, _ = rgb_image
+    card = cards["unet"]
+    one, one_results, one_probabilities = segment_image(BlockPredictor(card, batch_size=4, threads=1), store,
+                                                        tmp_path / "one", block=256, probabilities=True)
+    predictor = BlockPredictor(card, batch_size=4, threads=2)
+    forward, lock, running, most = predictor.model.forward, threading.Lock(), [0], [0]
+
+    def counted(batch):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return forward(batch)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    predictor.model = replace(predictor.model, forward=counted)
+    two, two_results, two_probabilities = segment_image(predictor, store, tmp_path / "two", block=256,
+                                                        probabilities=True)
+    np.testing.assert_array_equal(two, one)
+    np.testing.assert_array_equal(two_probabilities, one_probabilities)
+    for mine, theirs in zip(two_results, one_results):
+        np.testing.assert_array_equal(mine.class_counts, theirs.class_counts)
+    assert len(np.unique(one[one != NODATA_LABEL])) > 1
+    assert most[0] == 2, "the lanes ran two batches at once"
+
+
 def label_agreement(card, rgb_image, folder, **runtime) -> tuple[float, np.ndarray, np.ndarray]:
     store, _ = rgb_image
     reference, _, _ = segment_image(BlockPredictor(card, batch_size=4), store, folder / "fp32")
