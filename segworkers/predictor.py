@@ -12,7 +12,6 @@ same over (H, W) and (D, H, W), on a GPU or the CPU.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import math
 import logging
@@ -143,9 +142,9 @@ class BlockWork:
 class BlockPredictor:
     """A model on one device, segmenting blocks; several threads may segment blocks at once.
 
-    On a GPU each thread works on its own CUDA stream. On the CPU one block computes at a time
-    while others read or write, and its batches go through the model on `threads` lanes, one
-    torch thread each (CpuLanes).
+    On a GPU each thread works on its own CUDA stream. On the CPU the blocks' batches go through
+    the model on `threads` lanes, one torch thread each (CpuLanes), shared by the blocks in
+    progress.
     """
 
     def __init__(self, card: ModelCard, device: str = "cpu", batch_size: int = 4, threads: int = 1):
@@ -163,7 +162,6 @@ class BlockPredictor:
         self.weights: dict[tuple[str, int], torch.Tensor] = {}
         self.weights_lock = threading.Lock()
         self.streams = WorkerStreams(self.device)
-        self.compute_lock = threading.Lock() if self.device.type == "cpu" else contextlib.nullcontext()
         if self.device.type == "cuda":  # weights copied on the default stream, used on the workers' streams
             torch.cuda.synchronize(self.device)
 
@@ -192,7 +190,7 @@ class BlockPredictor:
 
     def segment_blocks(self, jobs: list[BlockJob], batch_size: int) -> list[BlockResult]:
         blocks = [self.read_block(job) for job in jobs]
-        with self.compute_lock, self.streams.current():
+        with self.streams.current():
             for block in blocks:
                 self.normalise(block)
             self.accumulate(blocks, batch_size)

@@ -238,6 +238,49 @@ def test_two_cpu_lanes_give_the_bytes_of_one_with_two_batches_at_once(rgb_image,
     assert most[0] == 2, "the lanes ran two batches at once"
 
 
+def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_callers_thread(rgb_image, cards,
+                                                                                              tmp_path):
+    """LocalPool (the model in the driver) keeps two groups of blocks in flight, as an actor
+    does: the labels and counts are those of one block after the other, and every finished
+    block is handed to the caller in the caller's own thread, once."""
+    from segworkers.local_pool import LocalPool
+
+    store, _ = rgb_image
+    card = cards["unet"]
+    one, one_results, _ = segment_image(BlockPredictor(card, batch_size=4, threads=1), store, tmp_path / "one",
+                                        block=128)
+    shape = zarr.open_array(str(store)).shape[1:]
+    grid = TileGrid(shape, card.tile_size, card.overlap)
+    label_store = tmp_path / "pool.zarr"
+    create_label_store(label_store, shape, chunk=TILE, block=128, attributes={})
+    jobs = [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), grid.tile_size)
+            for b in block_partition(shape, (128, 128))]
+    pool = LocalPool(card, batch_size=4, threads=2)
+    pool.group_tiles = 1  # a group per block: several groups to keep in flight
+    segment_group, lock, running, most = pool.predictor.segment_group, threading.Lock(), [0], [0]
+
+    def counted(group):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return segment_group(group)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    pool.predictor.segment_group = counted
+    reported = []
+    results = pool.run(jobs, lambda index, result: reported.append((index, threading.get_ident())))
+    np.testing.assert_array_equal(zarr.open_array(str(label_store))[:], one)
+    for mine, theirs in zip(results, one_results):
+        assert mine.block == theirs.block
+        np.testing.assert_array_equal(mine.class_counts, theirs.class_counts)
+    assert sorted(index for index, _ in reported) == list(range(len(jobs))) and len(jobs) > 2
+    assert {thread for _, thread in reported} == {threading.get_ident()}
+    assert most[0] == 2, "two groups in flight"
+
+
 def label_agreement(card, rgb_image, folder, **runtime) -> tuple[float, np.ndarray, np.ndarray]:
     store, _ = rgb_image
     reference, _, _ = segment_image(BlockPredictor(card, batch_size=4), store, folder / "fp32")
