@@ -12,7 +12,6 @@ same over (H, W) and (D, H, W), on a GPU or the CPU.
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import logging
 import threading
@@ -310,16 +309,13 @@ class BlockPredictor:
         its last tile: a constant batch shape keeps each tile's arithmetic identical whatever
         block and batch it falls in, and lets CUDA graphs replay. Within a block the tiles are
         added in the grid's global order (the same order whatever the block partition)."""
-        batches = self.batches(blocks, batch_size)
-        if self.lanes is None:
-            for in_batch, batch, tta in batches:
-                self.add_batch(in_batch, self.predict_tiles(batch, tta))
-            return
-        # Made one at a time, while the lanes run the batches before: only a few are held at once.
-        batches, for_lanes = itertools.tee(batches)
-        for (in_batch, _, _), probabilities in zip(
-                batches, self.lanes.map(lambda item: self.predict_tiles(item[1], item[2]), for_lanes)):
-            self.add_batch(in_batch, probabilities)
+        # On the CPU the batches are made one at a time while the lanes run those before, so
+        # only a few are held at once; on a GPU one after the other, on this thread's stream.
+        run = (self.lanes.map if self.lanes is not None else map)(
+            lambda item: (item[0], self.predict_tiles(item[1], item[2])), self.batches(blocks, batch_size))
+        for in_batch, probabilities in run:
+            for (block, tile), tile_probabilities in zip(in_batch, probabilities):
+                block.accumulator.add(tile, tile_probabilities)
 
     def batches(self, blocks: list[BlockWork], batch_size: int):
         """(tiles, inputs, tta) of each batch, the tiles as (block, tile)."""
@@ -335,11 +331,6 @@ class BlockPredictor:
                 block, tile = in_batch[min(slot, len(in_batch) - 1)]
                 batch[slot] = block.inputs[(slice(None), *tile.grown(halo).relative_to(block.context.start))]
             yield in_batch, batch, job.tta
-
-    @staticmethod
-    def add_batch(in_batch: list, probabilities: torch.Tensor) -> None:
-        for (block, tile), tile_probabilities in zip(in_batch, probabilities):
-            block.accumulator.add(tile, tile_probabilities)
 
     def device_weights(self, blending: str, tile_size: int) -> torch.Tensor:
         key = (blending, tile_size)

@@ -206,6 +206,24 @@ def test_device_path_equals_a_per_tile_reference_with_statistics(rgb_image, card
     np.testing.assert_allclose(areas, expected_areas, rtol=1e-12)
 
 
+def counting_calls_at_once(function):
+    """`function` wrapped to count the calls running at once, and a list whose item 0 is the
+    most seen so far."""
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def counted(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return function(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    return counted, most
+
+
 def test_two_cpu_lanes_give_the_bytes_of_one_with_two_batches_at_once(rgb_image, cards, tmp_path):
     """A CPU predictor of two threads runs its batches on two lanes of one torch thread each:
     the labels, probabilities and class counts of one batch after the other, with two forward
@@ -215,19 +233,8 @@ def test_two_cpu_lanes_give_the_bytes_of_one_with_two_batches_at_once(rgb_image,
     one, one_results, one_probabilities = segment_image(BlockPredictor(card, batch_size=4, threads=1), store,
                                                         tmp_path / "one", block=256, probabilities=True)
     predictor = BlockPredictor(card, batch_size=4, threads=2)
-    forward, lock, running, most = predictor.model.forward, threading.Lock(), [0], [0]
-
-    def counted(batch):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        try:
-            return forward(batch)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    predictor.model = replace(predictor.model, forward=counted)
+    forward, most = counting_calls_at_once(predictor.model.forward)
+    predictor.model = replace(predictor.model, forward=forward)
     two, two_results, two_probabilities = segment_image(predictor, store, tmp_path / "two", block=256,
                                                         probabilities=True)
     np.testing.assert_array_equal(two, one)
@@ -257,19 +264,7 @@ def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_ca
             for b in block_partition(shape, (128, 128))]
     pool = LocalPool(card, batch_size=4, threads=2)
     pool.group_tiles = 1  # a group per block: several groups to keep in flight
-    segment_group, lock, running, most = pool.predictor.segment_group, threading.Lock(), [0], [0]
-
-    def counted(group):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        try:
-            return segment_group(group)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    pool.predictor.segment_group = counted
+    pool.predictor.segment_group, most = counting_calls_at_once(pool.predictor.segment_group)
     reported = []
     results = pool.run(jobs, lambda index, result: reported.append((index, threading.get_ident())))
     np.testing.assert_array_equal(zarr.open_array(str(label_store))[:], one)

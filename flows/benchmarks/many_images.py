@@ -82,9 +82,8 @@ def model_seconds(card_path: Path, images: list[Path], batch: int, threads: int)
 
     from pipelines.model_card import load_card
     from pipelines.tiling import TileGrid
-    from segworkers.tile_models import load_tile_model
-
     from segworkers.predictor import CpuLanes
+    from segworkers.tile_models import load_tile_model
 
     card = load_card(card_path)
     model = load_tile_model(card, "cpu", 1)

@@ -130,9 +130,8 @@ def normalised(card, pixels, device: str):
 def model_part(bench: Bench) -> dict:
     import torch
 
-    from segworkers.tile_models import load_tile_model
-
     from segworkers.predictor import CpuLanes
+    from segworkers.tile_models import load_tile_model
 
     card = bench.load_card()
     on_cpu = bench.device == "cpu"
