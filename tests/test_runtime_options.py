@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -274,6 +275,104 @@ def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_ca
     assert sorted(index for index, _ in reported) == list(range(len(jobs))) and len(jobs) > 2
     assert {thread for _, thread in reported} == {threading.get_ident()}
     assert most[0] == 2, "two groups in flight"
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.005)
+
+
+def test_cpu_lanes_take_the_items_of_the_earlier_call_first():
+    """Two calls of CpuLanes.map at once (two groups of blocks in flight): a lane that frees
+    takes the earlier call's next item before the later call's, even when the later call's
+    items were queued first, so the earlier group finishes first."""
+    from segworkers.predictor import CpuLanes
+
+    lanes = CpuLanes(2)
+    gates = {name: threading.Event() for name in ["a0", "a1", "a2", "a3", "b0", "b1", "b2"]}
+    started: list[str] = []
+
+    def run(name):
+        started.append(name)
+        assert gates[name].wait(30), f"{name} was never let through"
+        return name
+
+    outputs = {}
+    callers = {key: threading.Thread(target=lambda key=key: outputs.__setitem__(
+        key, list(lanes.map(run, [f"{key}{i}" for i in range(4 if key == "a" else 3)])))) for key in "ab"}
+    try:
+        callers["a"].start()  # a0 and a1 on the lanes, a2 queued
+        wait_until(lambda: sorted(started) == ["a0", "a1"] and lanes.queue.qsize() == 1, "a0 and a1 on the lanes")
+        callers["b"].start()  # b0, b1, b2 queued behind a2
+        wait_until(lambda: lanes.queue.qsize() == 4, "b's items queued")
+        gates["a0"].set()  # a2 takes the lane; a's caller takes a0's result and queues a3, after b's items
+        wait_until(lambda: started[2:] == ["a2"] and lanes.queue.qsize() == 4, "a3 queued behind b's items")
+        gates["a1"].set()
+        wait_until(lambda: len(started) == 4, "the next item on the freed lane")
+        assert started[2:] == ["a2", "a3"], "the earlier call's item went first"
+    finally:
+        for gate in gates.values():
+            gate.set()
+        for caller in callers.values():
+            if caller.ident is not None:
+                caller.join(30)
+    assert outputs == {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1", "b2"]}
+
+
+def test_the_local_pool_starts_the_next_callers_blocks_before_the_last_group_of_the_first_ends(rgb_image, cards,
+                                                                                             tmp_path):
+    """Two callers of one LocalPool at once (two images in progress): the first submits every
+    group before the second submits any, and the second's first group takes the slot the
+    first's groups leave while its last group still runs, not once its whole call returned.
+    Both get the labels and counts of one block after the other."""
+    from segworkers.local_pool import LocalPool
+
+    store, _ = rgb_image
+    card = cards["unet"]
+    one, one_results, _ = segment_image(BlockPredictor(card, batch_size=4, threads=1), store, tmp_path / "one",
+                                        block=128)
+    shape = zarr.open_array(str(store)).shape[1:]
+    grid = TileGrid(shape, card.tile_size, card.overlap)
+    jobs = {}
+    for caller in "ab":
+        label_store = tmp_path / f"{caller}.zarr"
+        create_label_store(label_store, shape, chunk=TILE, block=128, attributes={})
+        jobs[caller] = [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), grid.tile_size)
+                        for b in block_partition(shape, (128, 128))]
+    pool = LocalPool(card, batch_size=4, threads=2)
+    pool.group_tiles = 1  # a group per block
+    segment_group = pool.predictor.segment_group
+    started: list[str] = []
+    b_started = threading.Event()
+    b_started_while_a_ran = []
+
+    def watched(group):
+        caller = "a" if group[0] in jobs["a"] else "b"
+        started.append(caller)
+        if caller == "b":
+            b_started.set()
+        elif group[-1] is jobs["a"][-1]:  # the first caller's last group waits for the second's first
+            b_started_while_a_ran.append(b_started.wait(30))
+        return segment_group(group)
+
+    pool.predictor.segment_group = watched
+    results = {}
+    callers = {key: threading.Thread(target=lambda key=key: results.__setitem__(key, pool.run(jobs[key])))
+               for key in "ab"}
+    callers["a"].start()
+    wait_until(lambda: started, "the first caller's first group")
+    callers["b"].start()
+    for caller in callers.values():
+        caller.join(120)
+    assert b_started_while_a_ran == [True], "the second caller's first group ran beside the first's last"
+    count = len(jobs["a"])
+    assert started == ["a"] * count + ["b"] * count and count > 2
+    for key in "ab":
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / f"{key}.zarr"))[:], one)
+        for mine, theirs in zip(results[key], one_results):
+            np.testing.assert_array_equal(mine.class_counts, theirs.class_counts)
 
 
 def label_agreement(card, rgb_image, folder, **runtime) -> tuple[float, np.ndarray, np.ndarray]:
