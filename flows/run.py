@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from flows import segpipe_version
 from flows.image_names import claim_name
 from flows.manifest import image_key, is_done
@@ -36,6 +38,11 @@ from pipelines.regions import load_regions
 from pipelines.sources import Source, open_source, resolve_bands
 from pipelines.stats import RunInfo, begin_run, compact, upgrade, validate_run_id
 from segworkers.tile_models import check_model
+
+# An image of several blocks read in place is read whole into memory once, by its preview
+# (which keeps every few pixels; from a Zarr copy it reads a chunk at a time): up to this many
+# bytes of its bands (a 4096² image of 4 bands of 16 bits: 128 MiB). A larger image is copied.
+IN_PLACE_MAX_BYTES = 128 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +151,12 @@ class ImageRun:
     @property
     def works_in_memory(self) -> bool:
         """Its mask and labels stay in this process (flows.work_folder.WorkInMemory) instead of a
-        work folder: an image read in place (one small block) whose outputs need no
-        probabilities. Such an image is redone whole after a crash, in about the time its work
-        folder's Zarr store and records took to write and read (about 30 ms of CPU for 512²)."""
-        return self.reads_in_place and not self.needs_probabilities
+        work folder: an image of one block read in place whose outputs need no probabilities.
+        Such an image is redone whole after a crash, in about the time its work folder's Zarr
+        store and records took to write and read (about 30 ms of CPU for 512²); an image of
+        several blocks keeps its work folder, so that a crash loses no finished block."""
+        return (self.reads_in_place and max(self.source.shape) <= self.run.options.block
+                and not self.needs_probabilities)
 
     @property
     def output_dir(self) -> str:
@@ -155,13 +164,18 @@ class ImageRun:
 
     @property
     def reads_in_place(self) -> bool:
-        """The model and the outputs read the source itself, with no Zarr copy: a 2D image of one
-        block whose source is cheap to read again (a local GeoTIFF), with no output that copies
-        the image. The pixels are the same as those of a copy."""
+        """The model and the outputs read the source itself, with no Zarr copy: a 2D image whose
+        source is cheap to read again (a local GeoTIFF), with no output that copies the image,
+        of one block, or of several when the file reads a block's window without decoding whole
+        rows of the image (tiles, or strips no wider than a block) and its bands fit
+        IN_PLACE_MAX_BYTES (the outputs read it whole). The pixels are the same as those of a copy."""
         source = self.source
-        return (source.in_place_store is None and source.cheap_to_reread and len(source.shape) == 2
-                and max(source.shape) <= self.run.options.block
-                and not any(output.copies_image for output in self.outputs))
+        if not (source.in_place_store is None and source.cheap_to_reread and len(source.shape) == 2
+                and not any(output.copies_image for output in self.outputs)):
+            return False
+        block = self.run.options.block
+        whole_bytes = len(self.bands) * math.prod(source.shape) * np.dtype(source.dtype).itemsize
+        return max(source.shape) <= block or (source.reads_windows_alone(block) and whole_bytes <= IN_PLACE_MAX_BYTES)
 
     @property
     def image_store(self) -> str:

@@ -130,39 +130,56 @@ def segment_with_stages(card: Path, path: Path, out: Path, after_ingest, **optio
         stages.run_image(image, run_stage=run_stage)
 
 
-def test_a_small_local_geotiff_is_read_in_place_with_the_bytes_of_a_copy(tmp_path, monkeypatch):
-    """A one-block GeoTIFF on a local disk is not copied into Zarr, and its work stays in memory:
-    the model and the preview read the file itself, the labels come back from the model without
-    a Zarr store, and the labels, preview and statistics (per class, per block, per region) are
-    byte for byte those of the Zarr copy and work folder (the path every larger image takes)."""
+@pytest.mark.parametrize("several_blocks", [False, True], ids=["one-block", "tiled-several-blocks"])
+def test_a_local_geotiff_is_read_in_place_with_the_bytes_of_a_copy(tmp_path, monkeypatch, several_blocks):
+    """A GeoTIFF on a local disk of one block, or tiled and of several, is not copied into Zarr:
+    the model and the preview read the file itself. The work of a one-block image stays in
+    memory (the labels come back from the model without a Zarr store); an image of several
+    blocks keeps its work folder and label store (a crash loses no finished block). The labels,
+    preview and statistics (per class, per block, per region) are byte for byte those of the
+    Zarr copy and work folder. The same image in strips as wide as the image is copied."""
     import geopandas as gpd
     from shapely.geometry import box
 
     chip = write_archive(tmp_path / "archive")[2]  # 150 x 150, one block
+    block = 64 if several_blocks else 2048
     with rasterio.open(chip) as src:  # a corner without data, so the masks are compared too
         profile, pixels = {**src.profile, "nodata": 0}, src.read()
         left, bottom, right, top = src.bounds
     pixels[:, :30, :45] = 0
+    if several_blocks:  # 3 x 3 blocks of 64, the file in tiles of 32
+        profile.update(tiled=True, blockxsize=32, blockysize=32)
     with rasterio.open(chip, "w", **profile) as dst:
         dst.write(pixels)
+    if several_blocks:
+        striped = chip.with_name("striped.tif")
+        with rasterio.open(striped, "w", **{**profile, "tiled": False, "blockysize": 8}) as dst:
+            dst.write(pixels)
+        run = prepare_run(str(write_small_net_card(tmp_path, tile=64)), str(tmp_path / "probe"),
+                          RunOptions(run_id=RUN_ID, block=block))
+        assert plan_image(run, str(chip)).reads_in_place and not plan_image(run, str(striped)).reads_in_place
     card = write_small_net_card(tmp_path, tile=64)
     regions = tmp_path / "regions.gpkg"
     middle = box(left + (right - left) / 4, bottom + (top - bottom) / 3, right - (right - left) / 5, top - 1)
     gpd.GeoDataFrame({"name": ["middle", "whole"]}, geometry=[middle, box(left, bottom, right, top)],
                      crs=profile["crs"]).to_file(regions)
 
-    def worked_in_memory(image) -> None:
-        assert image.reads_in_place and image.works_in_memory
-        assert not Path(image.work_path).exists(), "no work folder: no Zarr copy, no mask file, no label store"
+    def read_in_place(image) -> None:
+        assert image.reads_in_place and image.works_in_memory != several_blocks
+        if several_blocks:
+            assert image.work.has_background_mask(), "a work folder: the mask (then the label store, the blocks' records)"
+            assert not Path(image.work.image_store).exists(), "no Zarr copy"
+        else:
+            assert not Path(image.work_path).exists(), "no work folder: no Zarr copy, no mask file, no label store"
 
-    segment_with_stages(card, chip, tmp_path / "in-place", worked_in_memory, regions=str(regions))
+    segment_with_stages(card, chip, tmp_path / "in-place", read_in_place, regions=str(regions), block=block)
     assert not any((tmp_path / "in-place" / ".work").iterdir()), "nothing staged is left behind"
     monkeypatch.setattr(ImageRun, "reads_in_place", property(lambda image: False))
 
     def copied(image) -> None:
         assert not image.works_in_memory and Path(image.work.image_store, "zarr.json").exists()
 
-    segment_with_stages(card, chip, tmp_path / "copy", copied, regions=str(regions))
+    segment_with_stages(card, chip, tmp_path / "copy", copied, regions=str(regions), block=block)
     for name in ("labels.tif", "labels.tif.aux.xml", "preview.png"):
         assert (tmp_path / "in-place" / chip.stem / name).read_bytes() == (tmp_path / "copy" / chip.stem / name).read_bytes()
     in_place = rows_of(tmp_path / "in-place", chip.stem)

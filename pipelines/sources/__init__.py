@@ -99,6 +99,12 @@ class Source:
         the outputs instead of being copied first (flows.run.ImageRun.reads_in_place)."""
         return False
 
+    def reads_windows_alone(self, width: int) -> bool:
+        """Reading a window `width` wide decodes little beyond the window: the file's internal
+        blocks (tiles, or strips) are no wider than that. Then an image of several blocks can be
+        read in place too, block by block, without each block decoding whole rows of the image."""
+        return False
+
 
 class SourcePixels:
     """The card's bands of a source as a read-only (band, *spatial) array, read whole on first

@@ -287,6 +287,9 @@ class SceneSource(Source):
         # (each read is requests), nor a sparse file (its absent blocks read as the store's fill).
         return self.info.driver == "GTiff" and not is_remote(self.uri) and not self.info.absent_blocks
 
+    def reads_windows_alone(self, width: int) -> bool:
+        return self.info.block_shape[1] <= width
+
     def holds_data(self, box: Box) -> bool:
         return self.info.holds_data(box)
 
