@@ -67,18 +67,24 @@ class BlockAccumulator:
         self.weight_sums[in_block] += self.weights[in_tile]
 
     def labels(self):
-        """Argmax over classes (int64 indexes, the first of equal maxima); the total weight is a
-        positive per-pixel factor and cannot change it."""
+        """Argmax over classes (the first of equal maxima; numpy: int64 indexes, torch: uint8 up
+        to 256 classes); the total weight is a positive per-pixel factor and cannot change it."""
         sums = self.sums
         if isinstance(sums, np.ndarray):
             return sums.argmax(0)
         # torch's argmax over the leading (class) axis is slow on the CPU (0.67 s for 4 x 2048²,
-        # a sixth of the block's time); one elementwise pass per class takes a few milliseconds.
-        index = sums.new_zeros(sums.shape[1:]).long()
+        # a sixth of the block's time); one elementwise pass per class, in place, takes a few
+        # milliseconds a class (fresh tensors each pass: 165 against 110 ms for 4 x 2240² on
+        # one thread).
+        import torch
+
+        index = sums.new_zeros(sums.shape[1:], dtype=torch.uint8 if len(sums) <= 256 else torch.long)
         best = sums[0].clone()
+        greater = sums.new_empty(sums.shape[1:], dtype=torch.bool)
         for k in range(1, len(sums)):
-            index.masked_fill_(sums[k] > best, k)
-            best = best.maximum(sums[k])
+            torch.gt(sums[k], best, out=greater)
+            index.masked_fill_(greater, k)
+            torch.maximum(best, sums[k], out=best)
         return index
 
     def covered(self):

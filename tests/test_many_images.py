@@ -237,12 +237,15 @@ def test_a_small_scene_read_in_place_is_decoded_once_and_again_when_replaced(tmp
     assert decoded == [chip.name] * 6
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
-@pytest.mark.parametrize("nodata", [None, 0.0, float("nan")])
-def test_integer_pixels_skip_the_search_for_nan_and_get_the_same_inputs(sentinel_scene, tmp_path, dtype, nodata):
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+@pytest.mark.parametrize("nodata", [None, 0.0, float("nan"), 0.5])
+@pytest.mark.parametrize("clip", [None, (0.1, 0.6)])
+def test_integer_pixels_skip_the_search_for_nan_and_get_the_same_inputs(sentinel_scene, tmp_path, dtype, nodata, clip):
     """Integer pixels cannot be NaN or infinite: normalising them skips that search (a third of
-    the step on the CPU) and gives the bytes the floating-point path gives the same values."""
-    card = load_card(write_small_net_card(tmp_path))
+    the step on the CPU), and on the CPU looks each band's value up in a table of its every
+    value; both give the bytes the floating-point path gives the same values (a nodata value
+    no pixel of the dtype can hold, 0.5, marks none)."""
+    card = dataclasses.replace(load_card(write_small_net_card(tmp_path)), clip=clip)
     with rasterio.open(sentinel_scene) as dataset:
         pixels = (dataset.read([3, 2, 1]) // 8).astype(dtype)
     pixels[:, :20, :30] = 0  # a corner with the nodata value in every band
@@ -258,8 +261,11 @@ def test_integer_pixels_skip_the_search_for_nan_and_get_the_same_inputs(sentinel
     predictor = BlockPredictor(card)
     assert predictor.stays_finite(torch.from_numpy(pixels).dtype)
     valid, inputs = normalised(predictor, pixels)
+    assert list(predictor.input_tables) == [np.dtype(dtype)], "looked up in a table"
     valid_as_float, inputs_as_float = normalised(predictor, pixels.astype(np.float32))
     assert torch.equal(valid, valid_as_float) and torch.equal(inputs, inputs_as_float)
+    if clip:
+        assert inputs.unique().numel() > 2 and (inputs == inputs.max()).any()
     assert bool(valid[:20, :30].any()) == (nodata != 0.0)
 
     # A std so small that integers overflow float32: the search stays, and no infinity reaches the model.
