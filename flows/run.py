@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +169,13 @@ class ImageRun:
         source is cheap to read again (a local GeoTIFF), with no output that copies the image,
         of one block, or of several when the file reads a block's window without decoding whole
         rows of the image (tiles, or strips no wider than a block) and its bands fit
-        IN_PLACE_MAX_BYTES (the outputs read it whole). The pixels are the same as those of a copy."""
+        IN_PLACE_MAX_BYTES (the outputs read it whole). The pixels are the same as those of a copy.
+        Not with a cluster named (--ray-address, RAY_ADDRESS): its actors may run on machines that
+        see the output root, where the copy goes, but not a file on this machine's disk."""
         source = self.source
         if not (source.in_place_store is None and source.cheap_to_reread and len(source.shape) == 2
-                and not any(output.copies_image for output in self.outputs)):
+                and not any(output.copies_image for output in self.outputs)
+                and not (self.run.options.ray_address or os.environ.get("RAY_ADDRESS"))):
             return False
         block = self.run.options.block
         whole_bytes = len(self.bands) * math.prod(source.shape) * np.dtype(source.dtype).itemsize

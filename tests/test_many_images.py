@@ -158,6 +158,10 @@ def test_a_local_geotiff_is_read_in_place_with_the_bytes_of_a_copy(tmp_path, mon
         run = prepare_run(str(write_small_net_card(tmp_path, tile=64)), str(tmp_path / "probe"),
                           RunOptions(run_id=RUN_ID, block=block))
         assert plan_image(run, str(chip)).reads_in_place and not plan_image(run, str(striped)).reads_in_place
+    # A cluster named: its actors may be on machines that do not see this disk.
+    on_cluster = prepare_run(str(write_small_net_card(tmp_path, tile=64)), str(tmp_path / "probe-cluster"),
+                             RunOptions(run_id=RUN_ID, block=block, ray_address="head.example:6379"))
+    assert not plan_image(on_cluster, str(chip)).reads_in_place
     card = write_small_net_card(tmp_path, tile=64)
     regions = tmp_path / "regions.gpkg"
     middle = box(left + (right - left) / 4, bottom + (top - bottom) / 3, right - (right - left) / 5, top - 1)
