@@ -156,8 +156,12 @@ class ImageRun:
         Such an image is redone whole after a crash, in about the time its work folder's Zarr
         store and records took to write and read (about 30 ms of CPU for 512²); an image of
         several blocks keeps its work folder, so that a crash loses no finished block."""
-        return (self.reads_in_place and max(self.source.shape) <= self.run.options.block
-                and not self.needs_probabilities)
+        return self.reads_in_place and self.of_one_block and not self.needs_probabilities
+
+    @property
+    def of_one_block(self) -> bool:
+        """At most --block pixels a side."""
+        return max(self.source.shape) <= self.run.options.block
 
     @property
     def output_dir(self) -> str:
@@ -177,9 +181,9 @@ class ImageRun:
                 and not any(output.copies_image for output in self.outputs)
                 and not (self.run.options.ray_address or os.environ.get("RAY_ADDRESS"))):
             return False
-        block = self.run.options.block
         whole_bytes = len(self.bands) * math.prod(source.shape) * np.dtype(source.dtype).itemsize
-        return max(source.shape) <= block or (source.reads_windows_alone(block) and whole_bytes <= IN_PLACE_MAX_BYTES)
+        return self.of_one_block or (source.reads_windows_alone(self.run.options.block)
+                                     and whole_bytes <= IN_PLACE_MAX_BYTES)
 
     @property
     def image_store(self) -> str:

@@ -303,8 +303,7 @@ class BlockPredictor:
         else:
             keep = inputs.isfinite() if declared is None else inputs.isfinite() & ~declared
             block.inputs = torch.where(keep, inputs, 0.0)
-        block.accumulator = BlockAccumulator(block.accumulated, self.card.num_classes,
-                                             self.device_weights(job.blending, job.tile_size))
+        block.accumulator = self.new_accumulator(block)
 
     def normalise_by_table(self, block: BlockWork) -> None:
         """normalise on the CPU for 8- and 16-bit integer pixels: each band's inputs looked up in
@@ -326,8 +325,11 @@ class BlockPredictor:
             np.copyto(inputs, np.float32(0.0), where=declared)  # the bands' normalised means, as normalise does
             block.valid = torch.from_numpy(~declared[in_block])
         block.inputs = torch.from_numpy(inputs)
-        block.accumulator = BlockAccumulator(block.accumulated, self.card.num_classes,
-                                             self.device_weights(job.blending, job.tile_size))
+        block.accumulator = self.new_accumulator(block)
+
+    def new_accumulator(self, block: BlockWork) -> BlockAccumulator:
+        return BlockAccumulator(block.accumulated, self.card.num_classes,
+                                self.device_weights(block.job.blending, block.job.tile_size))
 
     def input_table(self, dtype: np.dtype) -> np.ndarray:
         """(band, every value of the dtype, in the order of its unsigned view) float32: normalise's

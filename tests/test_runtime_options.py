@@ -246,6 +246,15 @@ def test_two_cpu_lanes_give_the_bytes_of_one_with_two_batches_at_once(rgb_image,
     assert most[0] == 2, "the lanes ran two batches at once"
 
 
+def jobs_of_blocks(store, card, label_store, block: int = 128) -> list[BlockJob]:
+    """A job for every block of the image store, writing into a new label store."""
+    shape = zarr.open_array(str(store)).shape[1:]
+    grid = TileGrid(shape, card.tile_size, card.overlap)
+    create_label_store(label_store, shape, chunk=TILE, block=block, attributes={})
+    return [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), grid.tile_size)
+            for b in block_partition(shape, (block, block))]
+
+
 def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_callers_thread(rgb_image, cards,
                                                                                               tmp_path):
     """LocalPool (the model in the driver) keeps two groups of blocks in flight, as an actor
@@ -257,12 +266,8 @@ def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_ca
     card = cards["unet"]
     one, one_results, _ = segment_image(BlockPredictor(card, batch_size=4, threads=1), store, tmp_path / "one",
                                         block=128)
-    shape = zarr.open_array(str(store)).shape[1:]
-    grid = TileGrid(shape, card.tile_size, card.overlap)
     label_store = tmp_path / "pool.zarr"
-    create_label_store(label_store, shape, chunk=TILE, block=128, attributes={})
-    jobs = [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), grid.tile_size)
-            for b in block_partition(shape, (128, 128))]
+    jobs = jobs_of_blocks(store, card, label_store)
     pool = LocalPool(card, batch_size=4, threads=2)
     pool.group_tiles = 1  # a group per block: several groups to keep in flight
     pool.predictor.segment_group, most = counting_calls_at_once(pool.predictor.segment_group)
@@ -333,14 +338,7 @@ def test_the_local_pool_starts_the_next_callers_blocks_before_the_last_group_of_
     card = cards["unet"]
     one, one_results, _ = segment_image(BlockPredictor(card, batch_size=4, threads=1), store, tmp_path / "one",
                                         block=128)
-    shape = zarr.open_array(str(store)).shape[1:]
-    grid = TileGrid(shape, card.tile_size, card.overlap)
-    jobs = {}
-    for caller in "ab":
-        label_store = tmp_path / f"{caller}.zarr"
-        create_label_store(label_store, shape, chunk=TILE, block=128, attributes={})
-        jobs[caller] = [BlockJob(str(store), str(label_store), b, tuple(grid.tiles_touching(b)), grid.tile_size)
-                        for b in block_partition(shape, (128, 128))]
+    jobs = {caller: jobs_of_blocks(store, card, tmp_path / f"{caller}.zarr") for caller in "ab"}
     pool = LocalPool(card, batch_size=4, threads=2)
     pool.group_tiles = 1  # a group per block
     segment_group = pool.predictor.segment_group
