@@ -17,6 +17,19 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted()
     if code is not None:
         return code
-    from flows.cli import main as run_here
+    if runs_a_flow(argv):
+        from flows.prefect_api import start_server_early
 
-    return run_here(argv)
+        start_server_early()
+    from flows.cli import leave_to_exit, main as run_here
+
+    code = run_here(argv)
+    leave_to_exit()
+    return code
+
+
+def runs_a_flow(argv: list[str]) -> bool:
+    """`argv` names `run` or `demo` (the first word not an option: segpipe's own options take no
+    value), and asks for no help."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    return command in ("run", "demo") and not {"-h", "--help", "--version"} & set(argv)

@@ -102,6 +102,25 @@ class TemporaryServer:
             self.process.wait()
 
 
+_early_server: TemporaryServer | None = None
+
+
+def start_server_early() -> None:
+    """For `segpipe run` and `demo` in a process of their own: start the temporary server (where
+    none is named) before the command's own modules load, for prefect_api() to take. Those
+    imports take a second or more, and the server's start-up, its 5 s, decides when the night
+    can begin."""
+    global _early_server
+    if _early_server is None and sys.platform.startswith("linux") and not os.environ.get("PREFECT_API_URL"):
+        _early_server = TemporaryServer()
+
+
+def take_early_server() -> TemporaryServer | None:
+    global _early_server
+    server, _early_server = _early_server, None
+    return server
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[Callable[[], None]]:
     """Within: Prefect talks to the server PREFECT_API_URL names, or to a temporary server of
@@ -110,7 +129,7 @@ def prefect_api() -> Iterator[Callable[[], None]]:
         yield lambda: None
         return
     # Started before Prefect is imported (a second or two): dropped if its settings name a server.
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer()
+    server = take_early_server() or (None if os.environ.get("PREFECT_API_URL") else TemporaryServer())
     quiet_prefect()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -307,6 +307,60 @@ def test_the_report_takes_a_kept_thumbnail_only_when_written_after_its_preview(t
     assert html_report.kept_thumbnail("s3://bucket/root", RUN_ID, "north") is None, "local roots only"
 
 
+@pytest.mark.parametrize("collecting", [True, False])
+def test_a_night_loads_without_garbage_collection_and_leaves_it_as_it_was(prefect_server, tmp_path, monkeypatch,
+                                                                        collecting):
+    """A night's start-up (imports, the card's check) runs with the cyclic collector off; the
+    command then leaves it as it found it, also when bad input stops it there (a resident
+    server runs many commands in one process)."""
+    import gc
+
+    import flows.run
+
+    seen = []
+
+    def checked_with_the_collector(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return prepare_run(*args, **kwargs)
+
+    monkeypatch.setattr(flows.run, "prepare_run", checked_with_the_collector)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        code = main(["run", str(archive), "--model", str(tmp_path / "no-card.yaml"), "--out", str(tmp_path / "out")])
+        assert (code, seen, gc.isenabled()) == (2, [False], collecting)
+    finally:
+        gc.enable()
+
+
+def test_segpipe_run_starts_prefects_server_before_loading_the_night_and_the_night_takes_it(tmp_path):
+    """The command's entry point (flows.command) starts Prefect's temporary server before
+    anything heavy is imported; prefect_api() then uses that server, once."""
+    import subprocess
+    import sys
+
+    from flows.command import runs_a_flow
+
+    assert runs_a_flow(["-q", "run", "archive", "--model", "card"]) and runs_a_flow(["demo", "--out", "x"])
+    assert not any(runs_a_flow(argv) for argv in (["segment", "a.tif"], ["run", "--help"], ["--version"], ["-q"], []))
+    script = (
+        "import sys\n"
+        "from flows import prefect_api\n"
+        "prefect_api.start_server_early()\n"
+        "early = prefect_api._early_server\n"
+        "print(early is not None, 'prefect' in sys.modules or 'torch' in sys.modules)\n"
+        "with prefect_api.prefect_api() as ready:\n"
+        "    ready()\n"
+        "    from prefect.settings import PREFECT_API_URL\n"
+        "    print(PREFECT_API_URL.value() == early.api_url, prefect_api.take_early_server())\n"
+    )
+    environment = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+    environment.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["True", "False", "True", "None"], done.stdout + done.stderr
+
+
 def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):
     """Small images work in memory (no work folder): kill -9 of the driver mid-run loses the
     images in progress, not the finished ones; the next run skips those, redoes the others whole,

@@ -113,7 +113,8 @@ def run_on_a_small_tmpfs(archive: Path, root: Path, size_kib: int, read_only: bo
     env = quiet_env(PREFECT_HOME=str(prefect_home))
     for name in ("RAY_ADDRESS", "PREFECT_API_URL"):  # their own local Ray cluster and ephemeral Prefect API
         env.pop(name, None)
-    command = [sys.executable, "-m", "flows.cli", "run", str(archive), "--model", CARD, "--out", str(root)]
+    # The command as its script runs it (flows.command): Prefect's server started before the imports.
+    command = [sys.executable, "-m", "flows", "run", str(archive), "--model", CARD, "--out", str(root)]
     r = shlex.quote(str(root))
     script = (
         f"mount -t tmpfs -o size={size_kib}k tmpfs {r} || exit 90; "

@@ -107,12 +107,13 @@ def model_seconds(card_path: Path, images: list[Path], batch: int, threads: int)
 
 
 def night(archive: Path, card: Path, out: Path, concurrency: int, batch: int) -> tuple[float, dict]:
-    """`segpipe run` in a process of its own: (wall seconds, its JSON report)."""
+    """`segpipe run` in a process of its own, through the command's own entry point (flows.command,
+    as the installed script runs it): (wall seconds, its JSON report)."""
     environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     environment.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "-q", "run", str(archive), "--model", str(card), "--out", str(out),
+        [sys.executable, "-m", "flows", "-q", "run", str(archive), "--model", str(card), "--out", str(out),
          "--concurrency", str(concurrency), "--batch", str(batch), "--device", "cpu", "--json"],
         env=environment, capture_output=True, text=True)
     seconds = time.perf_counter() - started
