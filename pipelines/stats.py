@@ -370,25 +370,45 @@ def _exists(path: str) -> bool:
 
 
 def _read_all(paths: list[str], schema: pa.Schema) -> list[pa.Table]:
-    """_read_parquet of each path, in order, several at once: a night leaves a small pending
-    file per image and table (1,000 images: 2,000 files, 1 ms each), and the decoding releases
-    the GIL."""
+    """The rows of the paths, in order, in the table's full schema (as _read_parquet gives them),
+    as one table per run of consecutive files with the same columns and run date. A night
+    leaves a small pending file per image and table (1,000 images: 2,000 files): they are read
+    several at once (the decoding releases the GIL), and their columns are brought to the
+    schema once per run of files, not once per file (that took longer than the reading)."""
     if len(paths) < 8:
-        return [_read_parquet(path, schema) for path in paths]
-    from concurrent.futures import ThreadPoolExecutor
+        files = [_read_file(path) for path in paths]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda path: _read_parquet(path, schema), paths))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            files = list(pool.map(_read_file, paths))
+    tables, start = [], 0
+    for end in range(1, len(paths) + 1):
+        if (end == len(paths) or files[end].schema != files[start].schema
+                or run_date_of(paths[end]) != run_date_of(paths[start])):
+            tables.append(_conformed(pa.concat_tables(files[start:end]), paths[start], schema))
+            start = end
+    return tables
 
 
 def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
-    """A file's rows in the table's full schema: run_date from its partition folder (files of
-    version 2 also hold it as a column), the columns of newer versions as nulls."""
+    """A file's rows in the table's full schema (_conformed)."""
+    return _conformed(_read_file(path), path, schema)
+
+
+def _read_file(path: str) -> pa.Table:
+    """A file's rows as the file holds them."""
     fs, local = storage.filesystem(path)
     with fs.open(local, "rb") as handle:
         # The file alone, not pq.read_table's dataset machinery: the same rows in half the time
         # for the small files a night leaves.
-        table = pq.ParquetFile(handle).read()
+        return pq.ParquetFile(handle).read()
+
+
+def _conformed(table: pa.Table, path: str, schema: pa.Schema) -> pa.Table:
+    """Rows read from `path` (or from files of its folder and columns) in the table's full
+    schema: run_date from the partition folder (files of version 2 also hold it as a column),
+    the columns of newer versions as nulls."""
     if PARTITION_KEY not in table.column_names:
         table = table.append_column(PARTITION_KEY, pa.array([run_date_of(path)] * table.num_rows, pa.date32()))
     columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)

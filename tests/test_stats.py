@@ -203,6 +203,40 @@ def test_files_of_an_older_schema_read_with_nulls_in_the_new_columns(tmp_path):
     assert pc.sum(old["pixel_count"]).as_py() == pc.sum(current["pixel_count"]).as_py()
 
 
+def test_files_of_several_schemas_and_dates_read_together_give_the_rows_of_each_read_alone(tmp_path):
+    """Files read together have their columns brought to the schema once per run of files with
+    the same columns and date: files of version 1 (fewer columns), of version 2 (run_date also
+    a column) and of this version, in two date folders, interleaved, give the rows each gives
+    read alone, in the same order."""
+    from pipelines import stats
+
+    source = tmp_path / "source"
+    generate_dataset(source, images=4, classes=2, nights=1)
+    current = read_table(source)
+    kinds = {
+        "current": current.drop_columns(["run_date"]),
+        "version-1": current.select(list(RELEASED_SCHEMAS[1]["image_class"])),
+        "version-2": current,
+    }
+    paths = []
+    for number, (kind, date) in enumerate([("current", "2026-10-01"), ("current", "2026-10-01"), ("version-1", "2026-10-01"),
+                                           ("version-1", "2026-10-01"), ("current", "2026-10-02"), ("version-2", "2026-10-02"),
+                                           ("current", "2026-10-02"), ("current", "2026-10-01")] * 2):
+        folder = tmp_path / "stats" / "image_class" / f"run_date={date}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = kinds[kind].slice(number % 3, 2)
+        rows = rows.set_column(rows.schema.get_field_index("image"), "image", pa.array([f"{kind}-{number}"] * 2))
+        pq.write_table(rows, folder / f"{number:02d}.parquet")
+        paths.append(str(folder / f"{number:02d}.parquet"))
+    schema = TABLES["image_class"]
+    together = stats._read_all(paths, schema)
+    alone = [stats._read_parquet(path, schema) for path in paths]
+    assert len(together) == 11, "a table per run of files alike, not one per file"
+    assert all(table.schema == schema for table in together)
+    assert pa.concat_tables(together).equals(pa.concat_tables(alone))
+    assert sorted(set(pa.concat_tables(together)["run_date"].to_pylist())) == [dt.date(2026, 10, 1), dt.date(2026, 10, 2)]
+
+
 @pytest.fixture(scope="module")
 def generated_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generated")
