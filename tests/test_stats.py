@@ -177,12 +177,17 @@ def test_many_pending_files_fold_into_the_bytes_of_one_pending_file(s3_server, t
         if how == "one at a time":
             monkeypatch.setattr(stats, "_read_all", lambda paths, schema: [stats._read_parquet(p, schema) for p in paths])
         assert len(table_files(root, "image_class")[1]) == 24
+        if how == "several at once":  # pending files plain (quick to write and read), the run's file zstd
+            pending_file = pq.ParquetFile(table_files(root, "image_class")[1][0]).metadata.row_group(0)
+            assert {pending_file.column(i).compression for i in range(pending_file.num_columns)} == {"UNCOMPRESSED"}
         assert key_rows(read_table(root), "image", "class_id", "pixel_count") == key_rows(rows, "image", "class_id", "pixel_count")
         assert compact(root) == 24
         assert table_files(root, "image_class")[1] == []
         [compacted], _ = table_files(root, "image_class")
         folded[how] = s3.cat_file(compacted) if how == "on S3" else Path(compacted).read_bytes()
     assert folded["several at once"] == folded["one at a time"] == folded["on S3"] == run_file.read_bytes()
+    run_group = pq.ParquetFile(run_file).metadata.row_group(0)
+    assert {run_group.column(i).compression for i in range(run_group.num_columns)} == {"ZSTD"}
     assert s3.find(f"{bucket}/stats/_pending") == [], "no pending object left on S3"
     assert not (tmp_path / "several-at-once" / "_pending").exists(), "no empty folder left"
 
