@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted()
     if code is not None:
         return code
-    if runs_a_flow(argv):
-        from flows.prefect_api import start_server_early
+    try:
+        if runs_a_flow(argv):
+            from flows.prefect_api import start_server_early
 
-        start_server_early()
-    from flows.cli import leave_to_exit, main as run_here
-
+            start_server_early()
+        from flows.cli import leave_to_exit, main as run_here
+    except KeyboardInterrupt:  # while the command's modules load, before flows.cli's own handler
+        return interrupted()
     code = run_here(argv)
     leave_to_exit()
     return code

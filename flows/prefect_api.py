@@ -71,6 +71,10 @@ class TemporaryServer:
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=environment, preexec_fn=_stop_with_parent, stdout=subprocess.DEVNULL,
+            # Out of the terminal's process group: a Ctrl-C meant for the command interrupted
+            # the server's start-up too, which printed click's "Aborted!" or a traceback. The
+            # command stops it at exit; the kernel, when the command dies.
+            start_new_session=True,
         )
         # Registered before Prefect starts its log and event workers, so it runs after their own
         # exit handlers have sent what they hold (atexit runs the last registered first).

@@ -361,6 +361,38 @@ def test_segpipe_run_starts_prefects_server_before_loading_the_night_and_the_nig
     assert done.stdout.split() == ["True", "False", "True", "None"], done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("after", [0.8, 2.5, 5.0])
+def test_ctrl_c_while_a_night_starts_is_one_line_and_leaves_no_server(tmp_path, after):
+    """Ctrl-C reaches the terminal's whole process group: while `segpipe run` loads its modules
+    and Prefect's temporary server starts, the command says it was interrupted, in one line, and
+    the server (out of that group, stopped by the command) neither prints nor stays."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    write_tiled_scene(archive / "chip.tif", 256)
+    card = write_small_net_card(tmp_path)
+    environment = {name: value for name, value in os.environ.items() if name not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    environment.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                       RAY_USAGE_STATS_ENABLED="0")
+    command = subprocess.Popen([sys.executable, "-m", "flows", "run", str(archive), "--model", str(card), "--out",
+                                str(tmp_path / "out"), "--device", "cpu"], env=environment, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    children = psutil.Process(command.pid).children(recursive=True)
+    assert command.poll() is None and any("create_app" in " ".join(c.cmdline()) for c in children), "the server starts"
+    os.killpg(command.pid, signal.SIGINT)  # the terminal's Ctrl-C: the command's process group
+    stdout, stderr = command.communicate(timeout=120)
+    assert (command.returncode, stderr.strip()) == (130, "segpipe: interrupted"), stdout + stderr
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+
+
 def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):
     """Small images work in memory (no work folder): kill -9 of the driver mid-run loses the
     images in progress, not the finished ones; the next run skips those, redoes the others whole,
