@@ -115,8 +115,14 @@ def start_server_early() -> None:
     imports take a second or more, and the server's start-up, its 5 s, decides when the night
     can begin."""
     global _early_server
-    if _early_server is None and sys.platform.startswith("linux") and not os.environ.get("PREFECT_API_URL"):
+    if _early_server is None and sys.platform.startswith("linux") and not names_a_server():
         _early_server = TemporaryServer()
+
+
+def names_a_server() -> bool:
+    """The environment names Prefect's API (PREFECT_API_URL): no temporary server of our own.
+    (A Prefect profile may name one too: prefect_api() looks once Prefect is imported.)"""
+    return bool(os.environ.get("PREFECT_API_URL"))
 
 
 def take_early_server() -> TemporaryServer | None:
@@ -133,7 +139,7 @@ def prefect_api() -> Iterator[Callable[[], None]]:
         yield lambda: None
         return
     # Started before Prefect is imported (a second or two): dropped if its settings name a server.
-    server = take_early_server() or (None if os.environ.get("PREFECT_API_URL") else TemporaryServer())
+    server = take_early_server() or (None if names_a_server() else TemporaryServer())
     quiet_prefect()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

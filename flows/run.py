@@ -18,7 +18,6 @@ import dataclasses
 import datetime as dt
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from pipelines.outputs import Output, outputs_left_out, resolve_outputs
 from pipelines.regions import load_regions
 from pipelines.sources import Source, open_source, resolve_bands
 from pipelines.stats import RunInfo, begin_run, compact, upgrade, validate_run_id
+from segworkers.cluster import cluster_named
 from segworkers.tile_models import check_model
 
 # An image of several blocks read in place is read whole into memory once, by its preview
@@ -179,7 +179,7 @@ class ImageRun:
         source = self.source
         if not (source.in_place_store is None and source.cheap_to_reread and len(source.shape) == 2
                 and not any(output.copies_image for output in self.outputs)
-                and not (self.run.options.ray_address or os.environ.get("RAY_ADDRESS"))):
+                and not cluster_named(self.run.options.ray_address)):
             return False
         whole_bytes = len(self.bands) * math.prod(source.shape) * np.dtype(source.dtype).itemsize
         return self.of_one_block or (source.reads_windows_alone(self.run.options.block)

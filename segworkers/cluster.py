@@ -28,8 +28,13 @@ CPU_ACTOR_THREADS = 2
 
 
 def cluster_asked_for(workers: int | None, ray_address: str | None) -> bool:
-    """Actors asked for (--workers), or a cluster named (--ray-address, RAY_ADDRESS)."""
-    return bool(workers or ray_address or os.environ.get("RAY_ADDRESS"))
+    """Actors asked for (--workers), or a cluster named (cluster_named)."""
+    return bool(workers) or cluster_named(ray_address)
+
+
+def cluster_named(ray_address: str | None) -> bool:
+    """A Ray cluster named to join: --ray-address, else RAY_ADDRESS."""
+    return bool(ray_address or os.environ.get("RAY_ADDRESS"))
 
 
 def runs_in_driver(device: str, workers: int | None, ray_address: str | None) -> bool:

@@ -334,6 +334,15 @@ def test_a_night_loads_without_garbage_collection_and_leaves_it_as_it_was(prefec
         gc.enable()
 
 
+def command_environment(tmp_path: Path) -> dict[str, str]:
+    """A command's environment as a user's shell gives it: no Prefect API or Ray cluster named
+    (the command starts its own), a Prefect home of its own, no telemetry."""
+    environment = {name: value for name, value in os.environ.items() if name not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    environment.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                       RAY_USAGE_STATS_ENABLED="0")
+    return environment
+
+
 def test_segpipe_run_starts_prefects_server_before_loading_the_night_and_the_night_takes_it(tmp_path):
     """The command's entry point (flows.command) starts Prefect's temporary server before
     anything heavy is imported; prefect_api() then uses that server, once."""
@@ -355,9 +364,8 @@ def test_segpipe_run_starts_prefects_server_before_loading_the_night_and_the_nig
         "    from prefect.settings import PREFECT_API_URL\n"
         "    print(PREFECT_API_URL.value() == early.api_url, prefect_api.take_early_server())\n"
     )
-    environment = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
-    environment.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], env=command_environment(tmp_path), capture_output=True,
+                          text=True, timeout=300)
     assert done.stdout.split() == ["True", "False", "True", "None"], done.stdout + done.stderr
 
 
@@ -377,12 +385,9 @@ def test_ctrl_c_while_a_night_starts_is_one_line_and_leaves_no_server(tmp_path, 
     archive.mkdir()
     write_tiled_scene(archive / "chip.tif", 256)
     card = write_small_net_card(tmp_path)
-    environment = {name: value for name, value in os.environ.items() if name not in ("PREFECT_API_URL", "RAY_ADDRESS")}
-    environment.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                       RAY_USAGE_STATS_ENABLED="0")
     command = subprocess.Popen([sys.executable, "-m", "flows", "run", str(archive), "--model", str(card), "--out",
-                                str(tmp_path / "out"), "--device", "cpu"], env=environment, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                str(tmp_path / "out"), "--device", "cpu"], env=command_environment(tmp_path),
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(after)
     children = psutil.Process(command.pid).children(recursive=True)
     assert command.poll() is None and any("create_app" in " ".join(c.cmdline()) for c in children), "the server starts"
