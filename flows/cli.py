@@ -33,7 +33,7 @@ from flows.options import RunOptions, add_field_options, add_run_options, option
 from flows.training_run import TrainingOptions
 from flows import segpipe_version
 from flows.progress import console, note, set_verbosity, verbosity
-from flows.resident import interrupted
+from flows.resident import ends_at_once_when_interrupted, interrupted
 from pipelines.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -211,16 +211,17 @@ def main(argv: list[str] | None = None) -> int:
 def segment_command(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from flows.report import print_area_table
-    from flows.root_lock import storage_problem
-    from flows.run import claim_folder, plan_image, prepare_run, started
-    from segworkers.cluster import worker_error
-    from flows.stages import run_image
-    from pipelines import storage
-
     started_at = dt.datetime.now().isoformat(timespec="seconds")
-    run = prepare_run(args.model, args.out, options_from_args(args))
-    image = plan_image(run, args.src)
+    with ends_at_once_when_interrupted():  # nothing is written before the run starts
+        from flows.report import print_area_table
+        from flows.root_lock import storage_problem
+        from flows.run import claim_folder, plan_image, prepare_run, started
+        from segworkers.cluster import worker_error
+        from flows.stages import run_image
+        from pipelines import storage
+
+        run = prepare_run(args.model, args.out, options_from_args(args))
+        image = plan_image(run, args.src)
     shape = " x ".join(str(s) for s in reversed(image.source.shape))
     if verbosity() != "quiet":
         console.print(f"segmenting {image.source.kind} {image.source.uri} ({shape}) with {run.card.name} on "
@@ -284,13 +285,14 @@ def flow_command(args: argparse.Namespace) -> int:
     (segworkers.cluster.runs_in_driver), Ray and the actors started."""
     import threading
 
-    from flows.prefect_api import prefect_api
-    from segworkers.cluster import ensure_ray, runs_in_driver
-
     model, out, options = (args.model, args.out, options_from_args(args)) if args.command == "run" else (
         DEMO_CARD, args.out / "results", RunOptions())
-    with prefect_api() as api_ready:
-        with collection_paused():
+    with contextlib.ExitStack() as running:
+        with collection_paused(), ends_at_once_when_interrupted():  # until the flow begins, nothing is written
+            from flows.prefect_api import prefect_api
+            from segworkers.cluster import ensure_ray, runs_in_driver
+
+            api_ready = running.enter_context(prefect_api())
             # The flow's modules (torch, Prefect) are imported beside Ray's start-up, which mostly waits for its processes.
             importing = threading.Thread(target=importlib.import_module, args=("flows.archive_flow",))
             importing.start()

@@ -8,7 +8,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.resident import hand_over, interrupted
+    from flows.resident import ends_at_once_when_interrupted, hand_over, interrupted
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -17,15 +17,16 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted()
     if code is not None:
         return code
-    try:
+    with ends_at_once_when_interrupted():  # while the command's modules load
         if runs_a_flow(argv):
             from flows.prefect_api import start_server_early
 
             start_server_early()
         from flows.cli import leave_to_exit, main as run_here
-    except KeyboardInterrupt:  # while the command's modules load, before flows.cli's own handler
+    try:
+        code = run_here(argv)
+    except KeyboardInterrupt:  # before flows.cli's own handler took over
         return interrupted()
-    code = run_here(argv)
     leave_to_exit()
     return code
 

@@ -101,7 +101,7 @@ class TemporaryServer:
         self.process.terminate()
         try:
             self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # or Ctrl-C as the command ends: not waited for
             self.process.kill()
             self.process.wait()
 

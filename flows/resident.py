@@ -37,7 +37,9 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SERVER_VARIABLE = "SEGPIPE_SERVER"
@@ -66,7 +68,36 @@ class ServerProblem(Exception):
 def interrupted() -> int:
     """A command ended by Ctrl-C: what is done is kept, and the same command resumes from it."""
     print("segpipe: interrupted", file=sys.stderr)
+    # CPython 3.11 marks the process to end by SIGINT (exit status -2, not 130) once a
+    # KeyboardInterrupt has passed out of an exec() of a string, even when it was caught later:
+    # dataclasses and namedtuples make their methods so, and a Ctrl-C while one is defined
+    # (an import) set the mark. The next exec() of a string clears it.
+    exec("pass", {})
     return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def ends_at_once_when_interrupted() -> Iterator[None]:
+    """Within (a command loading its modules, starting Ray, checking its input: nothing written
+    yet), Ctrl-C ends the process at once with `segpipe: interrupted` and 130. A KeyboardInterrupt
+    raised at any point of an import can land inside importlib's module locks or a weakref
+    callback: the interrupt was then lost (the night ran on), or an import thread waited on a
+    lock never released and the process did not exit. Processes the command started go with it:
+    Prefect's temporary server by PR_SET_PDEATHSIG, Ray's by its reaper."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # a caller of its own set the handler (or none can be set here)
+        return
+    signal.signal(signal.SIGINT, _end_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _end_now(number, frame) -> None:
+    os.write(2, b"segpipe: interrupted\n")  # not through sys.stderr: the signal may have come mid-write
+    os._exit(EXIT_INTERRUPTED)
 
 
 def socket_path() -> Path | None:

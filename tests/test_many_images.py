@@ -398,6 +398,56 @@ def test_ctrl_c_while_a_night_starts_is_one_line_and_leaves_no_server(tmp_path, 
     assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
 
 
+def run_module(tmp_path: Path, source: str) -> "subprocess.CompletedProcess[str]":
+    """`python -m` of `source` written as a module, with SIGINT at its default (as a terminal gives
+    it; a shell's background job would ignore it, and the exit by SIGINT with it)."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "as_a_command.py").write_text(source)
+    environment = {**command_environment(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "as_a_command"], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_a_ctrl_c_caught_after_it_passed_through_an_exec_still_exits_130(tmp_path):
+    """A Ctrl-C that lands while a dataclass is defined (an import) passes out of the exec() that
+    makes its methods. CPython then marked the process to kill itself by SIGINT at exit, though
+    the command caught the interrupt and said so: status -2 instead of 130."""
+    done = run_module(tmp_path, (
+        "import sys\n"
+        "from flows.resident import interrupted\n"
+        "try:\n"
+        "    exec('raise KeyboardInterrupt', {})\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(interrupted())\n"))
+    assert (done.returncode, done.stderr.strip()) == (130, "segpipe: interrupted")
+
+
+def test_ctrl_c_while_loading_ends_at_once_even_with_a_thread_still_importing(tmp_path):
+    """While a command loads (ends_at_once_when_interrupted), Ctrl-C ends the process at once: a
+    KeyboardInterrupt raised inside an import could leave a module lock held, and the thread that
+    imports the flow's modules beside Ray's start then waited on it and the process never exited."""
+    import signal
+
+    from flows.resident import ends_at_once_when_interrupted
+
+    done = run_module(tmp_path, (
+        "import os, signal, threading\n"
+        "from flows.resident import ends_at_once_when_interrupted\n"
+        "never = threading.Event()\n"
+        "threading.Thread(target=never.wait).start()  # waits as on a module lock left held\n"
+        "with ends_at_once_when_interrupted():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    never.wait()\n"
+        "print('went on')\n"))
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (130, "segpipe: interrupted", "")
+    with ends_at_once_when_interrupted():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C raises KeyboardInterrupt again after"
+
+
 def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):
     """Small images work in memory (no work folder): kill -9 of the driver mid-run loses the
     images in progress, not the finished ones; the next run skips those, redoes the others whole,
