@@ -38,7 +38,7 @@ from flows import stages  # noqa: E402
 from flows.html_report import write_html_report  # noqa: E402
 from flows.manifest import image_key, is_done  # noqa: E402
 from flows.options import RunOptions  # noqa: E402
-from flows.progress import stage_progress, transient_stages  # noqa: E402
+from flows.progress import note, stage_progress, transient_stages  # noqa: E402
 from flows.root_lock import storage_problem  # noqa: E402
 from flows.run import ImageRun, Run, claim_folder, fold_statistics, plan_image, prepare_run, started  # noqa: E402
 from pipelines import storage  # noqa: E402
@@ -46,6 +46,7 @@ from pipelines.errors import InputError  # noqa: E402
 from pipelines.sources import image_stem, list_archive  # noqa: E402
 from segworkers.actors import ActorPool  # noqa: E402
 from segworkers.cluster import ensure_ray, runs_in_driver, worker_error  # noqa: E402
+from segworkers.local_pool import WorkStopped  # noqa: E402
 
 RETRY_DELAYS_S = [2, 10, 30]
 # Errors about the output root itself: retrying cannot help.
@@ -136,7 +137,7 @@ def process_images(names: str, images: list[ImageRun], pool: ActorPool) -> list[
     for image, outcome in zip(images, outcomes):
         if isinstance(outcome, BaseException):
             message = failure_message(outcome, image.run.out_root)
-            expected = isinstance(worker_error(outcome), (InputError, OSError))
+            expected = isinstance(worker_error(outcome), (InputError, OSError, WorkStopped))
             uri = image.source.uri
             logger.error("failed: %s", message if message.startswith(uri) else f"{uri}: {message}",
                          exc_info=None if expected else outcome)
@@ -266,8 +267,8 @@ def open_images(to_do: list[tuple[str, str]], run: Run, report: dict) -> list[Im
         except (InputError, OSError) as exc:
             fail_to_open(uri, exc, run, report)
             continue
-        for note in image.notes:
-            logger.warning(note)
+        for text in image.notes:
+            logger.warning(text)
         images.append(image)
     return images
 
@@ -291,7 +292,7 @@ def run_batches(images: list[ImageRun], run: Run, report: dict, pool: ActorPool)
             while futures:
                 batch, future = futures.pop()  # dropped once read: memory stays flat over a long night
                 try:
-                    entries = future.result()
+                    entries = wait_for_batch(future, pool)
                 except Exception as exc:  # noqa: BLE001 - a batch that broke: its images failed, the run goes on
                     get_run_logger().error("failed: %s", batch_names(batch), exc_info=exc)
                     entries = [{"failed": failure_message(exc, run.out_root)}] * len(batch)
@@ -308,6 +309,19 @@ def run_batches(images: list[ImageRun], run: Run, report: dict, pool: ActorPool)
                 finished += len(batch)
                 advance(len(batch))
                 update_progress_artifact(artifact, 100.0 * finished / len(images))
+
+
+def wait_for_batch(future, pool):
+    """The batch's entries. On Ctrl-C, the pool is stopped first: the images in progress finish
+    the blocks they have on the model, keep them (their work folders) and end, instead of the
+    night waiting for whole images (minutes for a large one) before it can stop."""
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.stop()
+            note("stopping after the blocks in progress; the same command resumes the night")
+        raise
 
 
 def publish_artifacts(report: dict) -> None:

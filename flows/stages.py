@@ -50,7 +50,7 @@ from pipelines.stats import (
 from pipelines.tiling import Box, TileGrid, block_partition
 from pipelines.zarr_stores import create_label_store, create_probability_store, ingest_source, store_blocks
 from segworkers.cluster import CPU_ACTOR_THREADS, cluster_asked_for, runs_in_driver
-from segworkers.local_pool import LocalPool
+from segworkers.local_pool import LocalPool, WorkStopped
 
 if TYPE_CHECKING:
     from segworkers.actors import ActorPool
@@ -454,8 +454,9 @@ class Batch:
     """Images going through the stages together, each one's results and failure kept apart: a
     bad image fails alone, the others go on."""
 
-    def __init__(self, images: list[ImageRun]):
+    def __init__(self, images: list[ImageRun], pool: Pool | None = None):
         self.images = images
+        self.pool = pool
         self.failures: dict[str, BaseException] = {}
         self.values: dict[str, dict] = {"ingest": {}, "segment": {}, "finalize": {}, "record": {}}
         self.seconds: dict[str, dict[str, float]] = {image.name: {} for image in images}
@@ -469,9 +470,17 @@ class Batch:
             discard(image)  # bad input: nothing of it is worth keeping
         self.failures[image.name] = exc
 
+    def stopped(self) -> bool:
+        """The pool was stopped (Ctrl-C in a night): no image starts another long stage. The
+        record of an image whose outputs are written (milliseconds) is still made."""
+        return self.pool is not None and self.pool.stopping.is_set()
+
     def each(self, stage: Callable, attempt: Callable, arguments: Callable = lambda image: ()) -> None:
         """`stage(image, *arguments(image))` for every image still going."""
         for image in self.live:
+            if stage is not record and self.stopped():
+                self.fail(image, WorkStopped())
+                continue
             started = time.perf_counter()
             try:
                 self.values[stage.__name__][image.name] = attempt(stage, image, *arguments(image))
@@ -490,6 +499,10 @@ class Batch:
         started = time.perf_counter()
         try:
             summaries = attempt(segment_images, live, pool)
+        except WorkStopped as stop:  # the blocks finished are recorded; the images resume from them
+            for image in live:
+                self.fail(image, stop)
+            return
         except Exception:  # noqa: BLE001 - which image? each alone says
             return self.each(segment, attempt, lambda image: (pool,))
         seconds = time.perf_counter() - started
@@ -510,7 +523,7 @@ def run_images(images: list[ImageRun], pool: Pool | None = None, run_stage: Call
     failed with. `run_stage(stage, work)` runs each stage's work for the whole batch (a Prefect
     task in a flow, a timer in a benchmark); `attempt(function, *arguments)` calls each image's
     stage (with retries, in a flow)."""
-    batch = Batch(images)
+    batch = Batch(images, pool)
     run_stage(ingest, lambda: batch.each(ingest, attempt))
     run_stage(segment, lambda: batch.segment(pool, attempt))
     run_stage(finalize, lambda: batch.each(finalize, attempt))

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import threading
 from typing import Callable
 
 import ray
 
 from pipelines.model_card import ModelCard
 from segworkers.cluster import STORAGE_ENVIRONMENT, ensure_ray, worker_error
-from segworkers.local_pool import GROUP_BATCHES, block_groups
+from segworkers.local_pool import GROUP_BATCHES, WorkStopped, block_groups
 from segworkers.predictor import BlockJob, BlockPredictor, BlockResult
 
 BLOCKS_IN_FLIGHT_PER_ACTOR = 2
@@ -98,6 +99,12 @@ class ActorPool:
         for _ in range(BLOCKS_IN_FLIGHT_PER_ACTOR):
             for actor in self.actors:
                 self.slots.put(actor)
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """From any thread: no group is sent from now on; the calls in progress take back the
+        groups in flight, then raise WorkStopped."""
+        self.stopping.set()
 
     def run(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None] = lambda i, r: None
             ) -> list[BlockResult]:
@@ -110,9 +117,11 @@ class ActorPool:
         waiting.reverse()
         try:
             while waiting or in_flight:
-                while waiting:  # take every free slot, waiting for one only when nothing is in flight
-                    try:
-                        actor = self.slots.get(block=not in_flight, timeout=None if not in_flight else 0)
+                if self.stopping.is_set() and not in_flight:
+                    raise WorkStopped()
+                while waiting and not self.stopping.is_set():  # every free slot; waits only when nothing is in flight
+                    try:  # (for half a second at a time: a stop is seen while waiting)
+                        actor = self.slots.get(timeout=0.5) if not in_flight else self.slots.get(block=False)
                     except queue.Empty:
                         break
                     indexes = waiting.pop()

@@ -19,6 +19,14 @@ GROUPS_IN_FLIGHT = 2
 GROUP_BATCHES = 16
 
 
+class WorkStopped(Exception):
+    """The pool was stopped (Ctrl-C in a night): the blocks in progress were finished and handed
+    back, the rest were not started."""
+
+    def __init__(self):
+        super().__init__("stopped: the command was interrupted; the blocks finished are kept")
+
+
 class LocalPool:
     """The pool's interface without Ray: one predictor in this process. The same predictor code,
     threads, batches and groups as an actor's, so the same labels, byte for byte."""
@@ -38,6 +46,14 @@ class LocalPool:
         self.turn = threading.Condition()
         self.callers: collections.deque = collections.deque()
         self.free_slots = GROUPS_IN_FLIGHT
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """From any thread: no group is started from now on; the calls in progress hand back the
+        groups in flight, then raise WorkStopped."""
+        with self.turn:
+            self.stopping.set()
+            self.turn.notify_all()
 
     def run(self, jobs: list[BlockJob], on_block_done: Callable[[int, BlockResult], None] = lambda i, r: None
             ) -> list[BlockResult]:
@@ -58,14 +74,19 @@ class LocalPool:
                 self.turn.notify_all()
 
         def may_submit() -> bool:
-            return pending is not None and self.free_slots > 0 and self.callers[0] is me
+            return pending is not None and self.free_slots > 0 and self.callers[0] is me and not self.stopping.is_set()
+
+        def stopped() -> bool:
+            return self.stopping.is_set() and pending is not None and not in_flight
 
         with self.turn:
             self.callers.append(me)
         try:
             while pending is not None or in_flight:
                 with self.turn:
-                    self.turn.wait_for(lambda: finished or may_submit())
+                    self.turn.wait_for(lambda: finished or may_submit() or stopped())
+                    if stopped():
+                        raise WorkStopped()
                     while may_submit():
                         self.free_slots -= 1
                         future = self.groups.submit(self.predictor.segment_group, [jobs[i] for i in pending])

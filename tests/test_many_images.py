@@ -398,7 +398,7 @@ def test_ctrl_c_while_a_night_starts_is_one_line_and_leaves_no_server(tmp_path, 
     assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
 
 
-def run_module(tmp_path: Path, source: str) -> "subprocess.CompletedProcess[str]":
+def run_module(tmp_path: Path, source: str):
     """`python -m` of `source` written as a module, with SIGINT at its default (as a terminal gives
     it; a shell's background job would ignore it, and the exit by SIGINT with it)."""
     import signal
@@ -446,6 +446,51 @@ def test_ctrl_c_while_loading_ends_at_once_even_with_a_thread_still_importing(tm
     with ends_at_once_when_interrupted():
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C raises KeyboardInterrupt again after"
+
+
+def test_an_image_stopped_by_ctrl_c_keeps_its_finished_blocks_and_resumes_to_the_bytes_of_an_uninterrupted_one(
+        tmp_path):
+    """Ctrl-C in a night stops the pool (flows.archive_flow.wait_for_batch): the image in
+    progress ends after the blocks on the model, not after the whole image. Those blocks keep
+    their records, the image is neither finished nor marked done, and the next run takes the
+    blocks over and writes the bytes of a run never stopped."""
+    from flows.manifest import is_done
+    from segworkers.local_pool import LocalPool, WorkStopped
+
+    scene_path = write_tiled_scene(tmp_path / "tiled.tif", 640)
+    card = write_small_net_card(tmp_path, tile=64)
+
+    class StoppedAtTheFirstBlock(LocalPool):
+        def run(self, jobs, on_block_done=lambda index, result: None):
+            def then_stop(index, result) -> None:
+                on_block_done(index, result)
+                self.stop()
+
+            return super().run(jobs, then_stop)
+
+    stopped_root = tmp_path / "stopped"
+    run = prepare_run(str(card), str(stopped_root), RunOptions(run_id=RUN_ID, block=128))
+    with started(run) as run:
+        image = claim_folder(plan_image(run, str(scene_path)))
+        pool = StoppedAtTheFirstBlock(run.card, batch_size=4, threads=2)
+        pool.group_tiles = 1  # a group per block (else about seven of these small blocks share one)
+        [outcome] = stages.run_images([image], pool)
+    assert isinstance(outcome, WorkStopped)
+    kept = len(image.work.block_records())
+    assert 1 <= kept <= 3, "the blocks on the model when it stopped (25 in all)"
+    assert not is_done(str(stopped_root), image.key) and not (stopped_root / image.name).exists()
+
+    resumed = {}
+
+    def resume(image) -> None:
+        resumed["blocks"] = len(image.work.block_records())
+
+    segment_with_stages(card, scene_path, stopped_root, resume, block=128)
+    segment_with_stages(card, scene_path, tmp_path / "whole", lambda image: None, block=128)
+    assert resumed["blocks"] == kept, "the next run found the blocks kept"
+    for name in ("labels.tif", "preview.png"):
+        assert (stopped_root / image.name / name).read_bytes() == (tmp_path / "whole" / image.name / name).read_bytes()
+    assert rows_of(stopped_root, image.name) == rows_of(tmp_path / "whole", image.name)
 
 
 def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):

@@ -282,6 +282,58 @@ def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_ca
     assert most[0] == 2, "two groups in flight"
 
 
+def test_a_stopped_local_pool_hands_back_the_groups_in_flight_and_starts_no_other(rgb_image, cards, tmp_path):
+    """pool.stop() (Ctrl-C in a night): the call in progress hands back the groups already on
+    the model, each to on_block_done as usual (so their records are written), then raises
+    WorkStopped; no other group starts, and a later call on the pool raises at once."""
+    from segworkers.local_pool import GROUPS_IN_FLIGHT, LocalPool, WorkStopped
+
+    store, _ = rgb_image
+    card = cards["unet"]
+    jobs = jobs_of_blocks(store, card, tmp_path / "pool.zarr")
+    pool = LocalPool(card, batch_size=4, threads=2)
+    pool.group_tiles = 1  # a group per block
+    groups_run = []
+    segment_group = pool.predictor.segment_group
+    pool.predictor.segment_group = lambda group: groups_run.append(group) or segment_group(group)
+    reported = []
+
+    def stop_after_the_first(index, result) -> None:
+        reported.append(index)
+        pool.stop()
+
+    with pytest.raises(WorkStopped):
+        pool.run(jobs, stop_after_the_first)
+    # The first group's end lets the next start before its blocks are handed back (and stop() called).
+    assert 1 <= len(reported) <= GROUPS_IN_FLIGHT + 1 < len(jobs), "the groups in flight, none after"
+    assert len(groups_run) == len(reported), "every group started was handed back"
+    with pytest.raises(WorkStopped):
+        pool.run(jobs, lambda index, result: reported.append(index))
+    assert len(groups_run) == len(reported), "a stopped pool runs nothing"
+
+
+def test_a_stopped_actor_pool_takes_back_the_groups_in_flight_and_sends_no_other(rgb_image, cards, tmp_path,
+                                                                                  ray_cluster):
+    """ActorPool.stop(), as LocalPool.stop(): the groups on the actors come back (their blocks
+    handed to on_block_done), none is sent after, the call raises WorkStopped."""
+    from segworkers.actors import ActorPool
+    from segworkers.local_pool import WorkStopped
+
+    store, _ = rgb_image
+    jobs = jobs_of_blocks(store, cards["unet"], tmp_path / "pool.zarr")
+    reported = []
+    with ActorPool(cards["unet"], "cpu", 4, workers=1) as pool:
+        pool.group_tiles = 1  # a group per block
+
+        def stop_after_the_first(index, result) -> None:
+            reported.append(index)
+            pool.stop()
+
+        with pytest.raises(WorkStopped):
+            pool.run(jobs, stop_after_the_first)
+    assert 1 <= len(reported) < len(jobs), "the groups in flight, none after"
+
+
 def wait_until(condition, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
