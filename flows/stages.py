@@ -62,9 +62,11 @@ from segworkers.predictor import BlockJob, BlockResult
 logger = logging.getLogger(__name__)
 
 
-def ingest(image: ImageRun) -> None:
+def ingest(image: ImageRun, stopped: Callable[[], bool] = lambda: False) -> None:
     """Copy the source into the image store, block by block; a resumed run copies only the
-    blocks an interrupted one had not finished. Sources read in place are not copied."""
+    blocks an interrupted one had not finished. Sources read in place are not copied. Once
+    `stopped()` (Ctrl-C in a night), the blocks being copied finish and are recorded, and
+    WorkStopped is raised."""
     options = image.run.options
     work = image.work
     work.prepare({"key": image.key, "block": options.block, "tile": options.tile})
@@ -78,6 +80,8 @@ def ingest(image: ImageRun) -> None:
             def block_done(box: Box) -> None:
                 work.mark_ingested(box)
                 advance()
+                if stopped():  # dask starts no other block once one raises
+                    raise WorkStopped()
 
             mask = ingest_source(image.source, image.bands, work.image_store, options.tile, options.block,
                                  on_block_done=block_done, done=work.ingested_blocks(), nodata=image.nodata)
@@ -524,7 +528,7 @@ def run_images(images: list[ImageRun], pool: Pool | None = None, run_stage: Call
     task in a flow, a timer in a benchmark); `attempt(function, *arguments)` calls each image's
     stage (with retries, in a flow)."""
     batch = Batch(images, pool)
-    run_stage(ingest, lambda: batch.each(ingest, attempt))
+    run_stage(ingest, lambda: batch.each(ingest, attempt, lambda image: (batch.stopped,)))
     run_stage(segment, lambda: batch.segment(pool, attempt))
     run_stage(finalize, lambda: batch.each(finalize, attempt))
     run_stage(record, lambda: batch.each(record, attempt, lambda image: (batch.values["segment"][image.name],

@@ -493,6 +493,32 @@ def test_an_image_stopped_by_ctrl_c_keeps_its_finished_blocks_and_resumes_to_the
     assert rows_of(stopped_root, image.name) == rows_of(tmp_path / "whole", image.name)
 
 
+def test_an_ingest_stopped_by_ctrl_c_keeps_the_blocks_copied_and_resumes_to_the_bytes_of_an_uninterrupted_run(
+        tmp_path, monkeypatch):
+    """A source copied into Zarr (not read in place) stops after the blocks being copied when the
+    night is stopped: they keep their records, and the next run takes them over and writes the
+    bytes of a run never stopped."""
+    from segworkers.local_pool import WorkStopped
+
+    monkeypatch.setattr(ImageRun, "reads_in_place", property(lambda image: False))
+    scene_path = write_tiled_scene(tmp_path / "tiled.tif", 640)
+    card = write_small_net_card(tmp_path, tile=64)
+    stopped_root = tmp_path / "stopped"
+    run = prepare_run(str(card), str(stopped_root), RunOptions(run_id=RUN_ID, block=128))
+    with started(run) as run:
+        image = claim_folder(plan_image(run, str(scene_path)))
+        with pytest.raises(WorkStopped):
+            stages.ingest(image, stopped=lambda: True)
+    copied = len(image.work.ingested_blocks())
+    assert 1 <= copied <= 8, "the blocks being copied (four threads), of 25"
+
+    segment_with_stages(card, scene_path, stopped_root, lambda image: None, block=128)
+    segment_with_stages(card, scene_path, tmp_path / "whole", lambda image: None, block=128)
+    for name in ("labels.tif", "preview.png"):
+        assert (stopped_root / image.name / name).read_bytes() == (tmp_path / "whole" / image.name / name).read_bytes()
+    assert rows_of(stopped_root, image.name) == rows_of(tmp_path / "whole", image.name)
+
+
 def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):
     """Small images work in memory (no work folder): kill -9 of the driver mid-run loses the
     images in progress, not the finished ones; the next run skips those, redoes the others whole,
