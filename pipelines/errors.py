@@ -21,3 +21,20 @@ class InputError(Exception):
 def printable(text: str) -> str:
     """`text` on one line: control characters (a newline in a file name) written as escapes."""
     return "".join(repr(c)[1:-1] if not c.isprintable() and c != " " else c for c in text)
+
+
+def underlying_reason(exc: BaseException) -> str:
+    """What a library's error says, with the reason it only points to: rasterio's "Read failed.
+    See previous exception for details." carries GDAL's own messages as its causes, the last
+    the most precise ("ZIPDecode:Decoding error at scanline 0", "TIFFFillTile:Read error ...;
+    got 19592 bytes, expected 582125" for a cut file). The user sees no previous exception."""
+    message = str(exc)
+    if "previous exception" not in message:
+        return message
+    reasons, seen, cause = [], set(), exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if str(cause).strip():
+            reasons.append(str(cause).strip())
+        cause = cause.__cause__ or cause.__context__
+    return f"{message.split('.')[0]}: {reasons[-1]}" if reasons else message

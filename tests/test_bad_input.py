@@ -17,8 +17,10 @@ def run_segment(capsys, src, out, model="s2-cloud"):
 
 
 def assert_nothing_published(out, stem):
+    """No image folder, no statistics rows, no work folder left (a run that began has its date
+    registered in stats/_runs, which a re-run of the same run id keeps)."""
     assert not (out / stem).exists()
-    assert not (out / "stats").exists()
+    assert not list((out / "stats").rglob("*.parquet"))
     assert not (out / ".work").exists() or not any((out / ".work").iterdir())
 
 
@@ -38,13 +40,26 @@ def test_file_that_is_not_an_image(capsys, tmp_path):
 
 
 def test_truncated_geotiff_fails_during_ingest_and_leaves_nothing(ray_cluster, capsys, sentinel_scene, tmp_path):
+    # Tiled and compressed, its directory first (as GDAL writes it): the file opens, and reading
+    # the tiles past the cut fails.
+    whole = tmp_path / "whole.tif"
+    with rasterio.open(sentinel_scene) as scene:
+        profile, pixels = scene.profile, scene.read()
+    with rasterio.open(whole, "w", **{**profile, "tiled": True, "blockxsize": 64, "blockysize": 64,
+                                      "compress": "deflate"}) as copy:
+        copy.write(pixels)
     src = tmp_path / "truncated.tif"
-    data = sentinel_scene.read_bytes()
+    data = whole.read_bytes()
     src.write_bytes(data[: len(data) // 2])
+    with rasterio.open(src) as opened:
+        assert opened.count == pixels.shape[0], "the directory is before the cut"
     out = tmp_path / "out"
     code, err = run_segment(capsys, src, out)
-    assert code == 2 and len(err) == 1
-    assert err[0].startswith(f"segpipe: error: {src}: ")
+    errors = [line for line in err if line.startswith("segpipe: error:")]
+    assert code == 2 and len(errors) == 1 and err[-1] == errors[0], err
+    assert errors[0].startswith(f"segpipe: error: {src}: cannot read rows ")
+    # GDAL's own reason, not rasterio's "See previous exception for details" (none is shown)
+    assert "previous exception" not in errors[0] and "TIFFFillTile" in errors[0], errors[0]
     assert_nothing_published(out, "truncated")
 
 
@@ -104,3 +119,22 @@ def test_tile_size_a_fixed_size_model_cannot_take(capsys, sentinel_scene, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [f"segpipe: error: {load_card('s2-cloud').source}: model 's2-cloud' takes only 256-pixel tiles, not 128"]
+
+
+def test_a_tiff_cut_before_its_directory_is_one_line_on_the_terminal(sentinel_scene, tmp_path):
+    """In a process of its own, as a user runs it: tifffile's warning about the same file
+    ("invalid offset to first page") was printed above segpipe's error."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "cut.tif"
+    data = sentinel_scene.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    environment = {**os.environ, "SEGPIPE_SERVER": "off"}
+    done = subprocess.run([sys.executable, "-m", "flows", "segment", str(src), "--model", "s2-cloud", "--out",
+                           str(tmp_path / "out"), "--device", "cpu"], env=environment, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [done.stderr.strip()] and \
+        done.stderr.startswith(f"segpipe: error: {src}: not a readable raster"), done.stderr

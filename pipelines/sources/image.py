@@ -10,6 +10,7 @@ for them is silenced: a one-line note says what the image is taken as instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -25,10 +26,14 @@ from rasterio.windows import Window
 
 from pipelines import storage
 from pipelines.areas import PixelAreas
-from pipelines.errors import InputError
+from pipelines.errors import InputError, underlying_reason
 from pipelines.model_card import ModelCard
 from pipelines.sources import Source, SourceKind, local_copy
 from pipelines.tiling import Box
+
+# tifffile logs what it finds wrong in a file ("invalid offset to first page") as warnings,
+# which Python printed on stderr above segpipe's own one-line error for the same file.
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 SUFFIXES = (".ome.tif", ".ome.tiff", *TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -138,7 +143,7 @@ def read_image_box(info: ImageInfo, bands: tuple[int, ...], box: Box) -> np.ndar
                           for a in info.axes)
             pixels = np.asarray(array[index])
     except (RasterioError, *TIFF_ERRORS) as exc:
-        raise InputError(info.uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({exc})") from exc
+        raise InputError(info.uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({underlying_reason(exc)})") from exc
     # (..., Y, ..., X, ...) -> (channel, Y, X), channels in the order the file has them
     order = [i for i, a in enumerate(info.axes) if a in CHANNEL_AXES] + [info.axes.index("Y"), info.axes.index("X")]
     others = [i for i in range(len(info.axes)) if i not in order]
