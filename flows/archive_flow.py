@@ -30,6 +30,7 @@ from prefect.artifacts import (  # noqa: E402
     create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.utilities.annotations import quote  # noqa: E402
@@ -312,12 +313,13 @@ def run_batches(images: list[ImageRun], run: Run, report: dict, pool: ActorPool)
 
 
 def wait_for_batch(future, pool):
-    """The batch's entries. On Ctrl-C, the pool is stopped first: the images in progress finish
-    the blocks they have on the model, keep them (their work folders) and end, instead of the
-    night waiting for whole images (minutes for a large one) before it can stop."""
+    """The batch's entries. On Ctrl-C or SIGTERM (which Prefect raises as TerminationSignal
+    while its flow runs), the pool is stopped first: the images in progress finish the blocks
+    they have on the model, keep them (their work folders) and end, instead of the night waiting
+    for whole images (minutes for a large one) before it can stop."""
     try:
         return future.result()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal):
         if pool is not None:
             pool.stop()
             note("stopping after the blocks in progress; the same command resumes the night")

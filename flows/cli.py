@@ -33,7 +33,7 @@ from flows.options import RunOptions, add_field_options, add_run_options, option
 from flows.training_run import TrainingOptions
 from flows import segpipe_version
 from flows.progress import console, note, set_verbosity, verbosity
-from flows.resident import ends_at_once_when_interrupted, interrupted
+from flows.resident import ends_at_once_when_interrupted, interrupted, terminated_as_interrupted
 from pipelines.errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"segpipe: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return interrupted()
+    except KeyboardInterrupt as stop:
+        return interrupted(stop)
 
 
 def segment_command(args: argparse.Namespace) -> int:
@@ -312,7 +312,8 @@ def flow_command(args: argparse.Namespace) -> int:
             ActorPool.prestart(run.card, run.options.device, run.options.batch, run.options.workers)
         try:
             api_ready()
-            return run_command(args, run_night) if args.command == "run" else demo_command(args, run_night)
+            with terminated_as_interrupted():
+                return run_command(args, run_night) if args.command == "run" else demo_command(args, run_night)
         finally:
             if on_actors:
                 ActorPool.discard_prestarted()

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         from flows.cli import leave_to_exit, main as run_here
     try:
         code = run_here(argv)
-    except KeyboardInterrupt:  # before flows.cli's own handler took over
-        return interrupted()
+    except KeyboardInterrupt as stop:  # before flows.cli's own handler took over, or after it
+        return interrupted(stop)
     leave_to_exit()
     return code
 

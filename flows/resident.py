@@ -54,6 +54,7 @@ PRELOADED = ("flows.run", "flows.stages", "flows.report", "flows.html_report", "
 PACKAGES = ("flows", "pipelines", "segworkers")
 STOP = "stop"
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class ServerProblem(Exception):
@@ -65,15 +66,22 @@ class ServerProblem(Exception):
         super().__init__(f"{path}: {reason}")
 
 
-def interrupted() -> int:
-    """A command ended by Ctrl-C: what is done is kept, and the same command resumes from it."""
-    print("segpipe: interrupted", file=sys.stderr)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to a night (a scheduler or `kill` stopping it): handled as Ctrl-C is, the work in
+    progress stopped after its blocks on the model (terminated_as_interrupted)."""
+
+
+def interrupted(stop: BaseException | None = None) -> int:
+    """A command ended by Ctrl-C (or, for `stop` a Terminated, by SIGTERM): what is done is
+    kept, and the same command resumes from it."""
+    terminated = isinstance(stop, Terminated)
+    print("segpipe: terminated" if terminated else "segpipe: interrupted", file=sys.stderr)
     # CPython 3.11 marks the process to end by SIGINT (exit status -2, not 130) once a
     # KeyboardInterrupt has passed out of an exec() of a string, even when it was caught later:
     # dataclasses and namedtuples make their methods so, and a Ctrl-C while one is defined
     # (an import) set the mark. The next exec() of a string clears it.
     exec("pass", {})
-    return EXIT_INTERRUPTED
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
@@ -93,6 +101,27 @@ def ends_at_once_when_interrupted() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def terminated_as_interrupted() -> Iterator[None]:
+    """Within (a night's flow), SIGTERM raises Terminated in the main thread, so the night stops
+    as on Ctrl-C: the blocks in progress are finished and kept, Prefect marks its flow run
+    crashed instead of leaving it running for ever, and the exit code is 143. Outside, SIGTERM
+    ends the process as before (nothing is written while a command loads)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_terminated(number, frame) -> None:
+    raise Terminated()
 
 
 def _end_now(number, frame) -> None:

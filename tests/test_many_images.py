@@ -393,7 +393,9 @@ def test_ctrl_c_while_a_night_starts_is_one_line_and_leaves_no_server(tmp_path, 
     assert command.poll() is None and any("create_app" in " ".join(c.cmdline()) for c in children), "the server starts"
     os.killpg(command.pid, signal.SIGINT)  # the terminal's Ctrl-C: the command's process group
     stdout, stderr = command.communicate(timeout=120)
-    assert (command.returncode, stderr.strip()) == (130, "segpipe: interrupted"), stdout + stderr
+    # (a machine quick enough to be in the night's batches by then says it stops them first)
+    said = [line for line in stderr.splitlines() if line.strip() and not line.startswith("note: stopping after")]
+    assert (command.returncode, said) == (130, ["segpipe: interrupted"]), stdout + stderr
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
 
@@ -517,6 +519,41 @@ def test_an_ingest_stopped_by_ctrl_c_keeps_the_blocks_copied_and_resumes_to_the_
     for name in ("labels.tif", "preview.png"):
         assert (stopped_root / image.name / name).read_bytes() == (tmp_path / "whole" / image.name / name).read_bytes()
     assert rows_of(stopped_root, image.name) == rows_of(tmp_path / "whole", image.name)
+
+
+def test_sigterm_stops_a_night_after_the_blocks_in_progress_and_keeps_them(tmp_path):
+    """A scheduler's SIGTERM (or `kill`) in the middle of a night: the images in progress stop
+    after their blocks on the model, as on Ctrl-C (Prefect raises its TerminationSignal in the
+    flow), keeping their records for the next run (taken over as the tests of a stopped image
+    show), and the command says so and exits with 143. Before, the night finished the images in
+    progress first and died by the signal, silent."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("first", "second"):
+        write_tiled_scene(archive / f"{name}.tif", 768)
+    card = write_small_net_card(tmp_path, tile=64)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "flows", "run", str(archive), "--model", str(card), "--out", str(out),
+               "--device", "cpu", "--block", "128", "--run-id", RUN_ID]
+    night = subprocess.Popen(command, env=command_environment(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob(".work/*/blocks/*.json")) and night.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    night.send_signal(signal.SIGTERM)
+    stdout, stderr = night.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert night.returncode == 143, stdout + stderr
+    assert lines[0].startswith("note: stopping after the blocks in progress") and lines[-1] == "segpipe: terminated"
+    kept = len(list(out.glob(".work/*/blocks/*.json")))
+    assert 1 <= kept < 2 * 36, "some of the 2 x 36 blocks, not all"
+
+    assert not any((out / name / "labels.tif").exists() for name in ("first", "second")), "stopped mid-image"
 
 
 def test_a_night_of_small_images_killed_mid_run_resumes_to_the_bytes_of_an_uninterrupted_one(prefect_server, tmp_path):
