@@ -84,40 +84,36 @@ def interrupted(stop: BaseException | None = None) -> int:
     return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
-@contextlib.contextmanager
-def ends_at_once_when_interrupted() -> Iterator[None]:
+def ends_at_once_when_interrupted() -> contextlib.AbstractContextManager:
     """Within (a command loading its modules, starting Ray, checking its input: nothing written
     yet), Ctrl-C ends the process at once with `segpipe: interrupted` and 130. A KeyboardInterrupt
     raised at any point of an import can land inside importlib's module locks or a weakref
     callback: the interrupt was then lost (the night ran on), or an import thread waited on a
     lock never released and the process did not exit. Processes the command started go with it:
     Prefect's temporary server by PR_SET_PDEATHSIG, Ray's by its reaper."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # a caller of its own set the handler (or none can be set here)
-        return
-    signal.signal(signal.SIGINT, _end_now)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return _signal_handled(signal.SIGINT, signal.default_int_handler, _end_now)
 
 
-@contextlib.contextmanager
-def terminated_as_interrupted() -> Iterator[None]:
+def terminated_as_interrupted() -> contextlib.AbstractContextManager:
     """Within (a night's flow), SIGTERM raises Terminated in the main thread, so the night stops
     as on Ctrl-C: the blocks in progress are finished and kept, Prefect marks its flow run
     crashed instead of leaving it running for ever, and the exit code is 143. Outside, SIGTERM
     ends the process as before (nothing is written while a command loads)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    return _signal_handled(signal.SIGTERM, signal.SIG_DFL, _raise_terminated)
+
+
+@contextlib.contextmanager
+def _signal_handled(number: int, usual, handler) -> Iterator[None]:
+    """`handler` for the signal within, then `usual` again; nothing changes where the handler is
+    not `usual` already (a caller set its own) or this is not the main thread (none can be set)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(number) is not usual:
         yield
         return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(number, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(number, usual)
 
 
 def _raise_terminated(number, frame) -> None:
