@@ -218,7 +218,7 @@ def run_archive(archive: str, model: str, out: str, options: RunOptions) -> dict
         report["run_date"] = run.run_date.isoformat()
         to_do = images_to_do(discover_images(archive), run, report)
         if to_do and runs_in_driver(options.device, options.workers, options.ray_address):
-            pool = stages.local_pool(run.card, options)
+            pool = stack.enter_context(stages.local_pool(run.card, options))
         elif to_do:  # the actors start (and load the model) while the images are opened
             ensure_ray(run.options.ray_address)
             pool = stack.enter_context(ActorPool.take(run.card, options.device, options.batch, options.workers))

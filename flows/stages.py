@@ -273,7 +273,9 @@ def run_plans(card: ModelCard, options: RunOptions, plans: list[SegmentPlan], po
         jobs = [plan.jobs[i] for plan, i in todo]
         if pool is None and (is_small_work(jobs, options) or
                              runs_in_driver(options.device, options.workers, options.ray_address)):
-            pool = local_pool(card, options)
+            with local_pool(card, options) as own_pool:
+                own_pool.run(jobs, block_done)
+            return
         if pool is not None:
             pool.run(jobs, block_done)
             return

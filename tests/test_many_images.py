@@ -474,9 +474,9 @@ def test_an_image_stopped_by_ctrl_c_keeps_its_finished_blocks_and_resumes_to_the
     run = prepare_run(str(card), str(stopped_root), RunOptions(run_id=RUN_ID, block=128))
     with started(run) as run:
         image = claim_folder(plan_image(run, str(scene_path)))
-        pool = StoppedAtTheFirstBlock(run.card, batch_size=4, threads=2)
-        pool.group_tiles = 1  # a group per block (else about seven of these small blocks share one)
-        [outcome] = stages.run_images([image], pool)
+        with StoppedAtTheFirstBlock(run.card, batch_size=4, threads=2) as pool:
+            pool.group_tiles = 1  # a group per block (else about seven of these small blocks share one)
+            [outcome] = stages.run_images([image], pool)
     assert isinstance(outcome, WorkStopped)
     kept = len(image.work.block_records())
     assert 1 <= kept <= 3, "the blocks on the model when it stopped (25 in all)"

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -31,6 +34,7 @@ from pipelines.zarr_stores import (
 from segworkers.predictor import BlockJob, BlockPredictor
 from segworkers.tile_models import TileModel
 
+REPO = Path(__file__).resolve().parents[1]
 TILE = 64
 HOLE = (slice(120, 200), slice(0, 90))  # a corner without data in any band
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -244,6 +248,7 @@ def test_two_cpu_lanes_give_the_bytes_of_one_with_two_batches_at_once(rgb_image,
         np.testing.assert_array_equal(mine.class_counts, theirs.class_counts)
     assert len(np.unique(one[one != NODATA_LABEL])) > 1
     assert most[0] == 2, "the lanes ran two batches at once"
+    predictor.close()
 
 
 def jobs_of_blocks(store, card, label_store, block: int = 128) -> list[BlockJob]:
@@ -268,6 +273,7 @@ def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_ca
                                         block=128)
     label_store = tmp_path / "pool.zarr"
     jobs = jobs_of_blocks(store, card, label_store)
+    threads_before = set(threading.enumerate())
     pool = LocalPool(card, batch_size=4, threads=2)
     pool.group_tiles = 1  # a group per block: several groups to keep in flight
     pool.predictor.segment_group, most = counting_calls_at_once(pool.predictor.segment_group)
@@ -280,6 +286,10 @@ def test_the_local_pool_runs_two_groups_at_once_and_reports_each_block_in_its_ca
     assert sorted(index for index, _ in reported) == list(range(len(jobs))) and len(jobs) > 2
     assert {thread for _, thread in reported} == {threading.get_ident()}
     assert most[0] == 2, "two groups in flight"
+    pool_threads = [t for t in set(threading.enumerate()) - threads_before
+                    if t.name.startswith(("model-lane", "block-group"))]
+    pool.close()
+    assert len(pool_threads) == 4 and not any(t.is_alive() for t in pool_threads), "a closed pool ends its threads"
 
 
 def test_a_stopped_local_pool_hands_back_the_groups_in_flight_and_starts_no_other(rgb_image, cards, tmp_path):
@@ -310,6 +320,7 @@ def test_a_stopped_local_pool_hands_back_the_groups_in_flight_and_starts_no_othe
     with pytest.raises(WorkStopped):
         pool.run(jobs, lambda index, result: reported.append(index))
     assert len(groups_run) == len(reported), "a stopped pool runs nothing"
+    pool.close()
 
 
 def test_a_stopped_actor_pool_takes_back_the_groups_in_flight_and_sends_no_other(rgb_image, cards, tmp_path,
@@ -339,6 +350,40 @@ def wait_until(condition, what: str, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
         time.sleep(0.005)
+
+
+LANES_IN_A_FRESH_PROCESS = """
+import os, time, torch
+from segworkers.predictor import CpuLanes
+
+def threads() -> int:  # the process's threads, OpenMP's included
+    return len(os.listdir("/proc/self/task"))
+
+convolution = torch.nn.Conv2d(8, 8, 3, padding=1).eval()
+before = threads()
+lanes = CpuLanes(2)
+with torch.no_grad():
+    assert len(list(lanes.map(convolution, [torch.randn(2, 8, 128, 128)] * 6))) == 6
+print(threads() - before)
+lanes.close()
+deadline = time.monotonic() + 10  # a joined thread leaves /proc a moment after join() returns
+while threads() > before and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(threads() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2,
+                    reason="counts a process's threads in /proc, on two cores or more")
+def test_cpu_lanes_convolve_on_their_own_thread_and_end_when_closed():
+    """A lane runs its convolutions on its one thread: left to OpenMP's default, oneDNN ran them
+    on a team of two threads a lane, whose idle threads then slowed every torch call of the
+    process (a training in the same process after a night: 2.5 times slower). close() ends the
+    lanes. In a process of its own, where no other thread comes or goes."""
+    counts = subprocess.run([sys.executable, "-c", LANES_IN_A_FRESH_PROCESS], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert counts.returncode == 0, counts.stderr
+    assert counts.stdout.split() == ["2", "0"], "two lanes and no thread of theirs; none once closed"
 
 
 def test_cpu_lanes_take_the_items_of_the_earlier_call_first():
@@ -375,6 +420,7 @@ def test_cpu_lanes_take_the_items_of_the_earlier_call_first():
         for caller in callers.values():
             if caller.ident is not None:
                 caller.join(30)
+        lanes.close()
     assert outputs == {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1", "b2"]}
 
 
@@ -416,6 +462,7 @@ def test_the_local_pool_starts_the_next_callers_blocks_before_the_last_group_of_
     callers["b"].start()
     for caller in callers.values():
         caller.join(120)
+    pool.close()
     assert b_started_while_a_ran == [True], "the second caller's first group ran beside the first's last"
     count = len(jobs["a"])
     assert started == ["a"] * count + ["b"] * count and count > 2

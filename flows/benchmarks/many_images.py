@@ -104,6 +104,7 @@ def model_seconds(card_path: Path, images: list[Path], batch: int, threads: int)
     for _ in lanes.map(model.forward, [batch_input] * calls):
         pass
     per_call = (time.perf_counter() - started) / calls
+    lanes.close()
     return per_call * tiles / batch, tiles
 
 

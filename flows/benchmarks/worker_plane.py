@@ -160,6 +160,8 @@ def model_part(bench: Bench) -> dict:
             synchronise(bench.device)
     synchronise(bench.device)
     seconds = time.perf_counter() - started
+    if on_cpu:
+        lanes.close()
     return {"mpx_per_s": batches * bench_batch * bench.tile**2 / 1e6 / seconds, "seconds": seconds,
             "window": [window_start, time.time()], "torch": torch.__version__}
 
