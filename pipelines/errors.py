@@ -38,3 +38,10 @@ def underlying_reason(exc: BaseException) -> str:
             reasons.append(str(cause).strip())
         cause = cause.__cause__ or cause.__context__
     return f"{message.split('.')[0]}: {reasons[-1]}" if reasons else message
+
+
+def unreadable_window(path, box, exc: BaseException) -> InputError:
+    """The error for a window of an image that its reader could not decode: which rows and
+    columns, and the library's reason (a cut or corrupt file shows here, block by block)."""
+    (row0, col0), (row1, col1) = box.start, box.stop
+    return InputError(path, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({underlying_reason(exc)})")

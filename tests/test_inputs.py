@@ -24,8 +24,11 @@ from torch import nn
 from flows.archive_flow import run_night
 from flows.cli import main
 from flows.demo_scene import BANDS
+from pipelines.errors import InputError
 from pipelines.model_card import builtin_card_names, load_card
+from pipelines.sources.image import inspect_image, read_image_box
 from pipelines.stats import read_table
+from pipelines.tiling import Box
 from test_stitching import conv_net, reference_labels, torchscript_card
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +185,25 @@ def test_an_ome_tiff_gives_channels_by_name_and_areas_in_square_microns(ray_clus
     rows = read_table(out / "stats", "image_class").to_pylist()
     assert {row["area_unit"] for row in rows} == {"um2"}
     assert sum(row["area"] for row in rows) == pytest.approx(pixels.size * 0.25 * 0.25)
+
+
+def test_a_cut_tiled_tiff_names_the_rows_it_cannot_read(nuclei, tmp_path):
+    """A microscopy TIFF read through tifffile (not GDAL), cut after its directory: the window that reaches
+    the missing tiles is an InputError naming the file, the rows and columns, and the reason."""
+    _, pixels = nuclei
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, pixels, tile=(64, 64), compression="zlib")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    info = inspect_image(str(cut))
+    assert info.reader == "tifffile", "the directory is before the cut"
+    height, width = info.shape
+    with pytest.raises(InputError) as caught:
+        read_image_box(info, (1,), Box((0, 0), (height, width)))
+    assert caught.value.path == str(cut)
+    assert str(caught.value).startswith(f"{cut}: cannot read rows 0:{height}, cols 0:{width} ("), str(caught.value)
+    first_tile = read_image_box(info, (1,), Box((0, 0), (64, 64)))  # before the cut: read as written
+    np.testing.assert_array_equal(first_tile, pixels[None, :64, :64])
 
 
 def test_a_png_and_a_scene_without_a_crs_are_plain_images(ray_cluster, sentinel_scene, tmp_path, capsys):

@@ -165,6 +165,25 @@ def test_truncated_tiff_is_an_input_error(ct_tiff, tmp_path):
     assert error.value.path == str(truncated)
 
 
+def test_a_damaged_compressed_slice_is_an_input_error_naming_the_voxels(tmp_path):
+    """The stack opens (every page is there), but one slice's deflate stream is damaged: reading
+    the boxes that touch it fails with the file and the voxels, and the slices before it read."""
+    voxels = np.random.default_rng(0).integers(0, 255, (8, 64, 64), dtype=np.uint8)
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, voxels, compression="zlib", imagej=True, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(stack) as tif:
+        offset = tif.pages[4].dataoffsets[0]
+    data = bytearray(stack.read_bytes())
+    data[offset + 2: offset + 40] = bytes(b ^ 0xFF for b in data[offset + 2: offset + 40])
+    stack.write_bytes(bytes(data))
+    assert inspect_volume(stack).shape == (8, 64, 64)
+    with pytest.raises(InputError) as error:
+        read_volume_box(str(stack), Box((0, 0, 0), (8, 64, 64)))
+    assert error.value.path == str(stack)
+    assert str(error.value).startswith(f"{stack}: cannot read voxels (0, 0, 0)-(8, 64, 64) ("), str(error.value)
+    np.testing.assert_array_equal(read_volume_box(str(stack), Box((0, 0, 0), (4, 64, 64)))[0], voxels[:4])
+
+
 def test_garbage_with_a_nifti_name_is_an_input_error(tmp_path):
     garbage = tmp_path / "garbage.nii"
     garbage.write_bytes(bytes(range(256)) * 4)

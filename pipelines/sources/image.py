@@ -26,9 +26,10 @@ from rasterio.windows import Window
 
 from pipelines import storage
 from pipelines.areas import PixelAreas
-from pipelines.errors import InputError, underlying_reason
+from pipelines.errors import InputError, unreadable_window
 from pipelines.model_card import ModelCard
 from pipelines.sources import Source, SourceKind, local_copy
+from pipelines.sources.tiff_errors import is_tiff_read_error
 from pipelines.tiling import Box
 
 # tifffile logs what it finds wrong in a file ("invalid offset to first page") as warnings,
@@ -42,9 +43,6 @@ MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "n
            "in": 25400.0, "inch": 25400.0}
 # TIFF 6.0 ResolutionUnit: 2 = inch, 3 = centimetre (1 = no unit: a ratio only).
 MICRONS_PER_RESOLUTION_UNIT = {2: 25400.0, 3: 10000.0}
-TIFF_ERRORS = (tifffile.TiffFileError, OSError, EOFError, ValueError, KeyError, IndexError)
-
-
 class StackError(InputError):
     """A TIFF of several planes (z, time) given to a 2D card: an image, but not one to segment in 2D."""
 
@@ -96,7 +94,9 @@ def _inspect_tiff(path: str) -> ImageInfo:
                              "tifffile", names if len(names) == channels else (None,) * channels, size, axes)
     except InputError:
         raise
-    except TIFF_ERRORS as exc:
+    except Exception as exc:
+        if not is_tiff_read_error(exc):
+            raise
         raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
 
 
@@ -142,8 +142,10 @@ def read_image_box(info: ImageInfo, bands: tuple[int, ...], box: Box) -> np.ndar
             index = tuple(slice(row0, row1) if a == "Y" else slice(col0, col1) if a == "X" else slice(None)
                           for a in info.axes)
             pixels = np.asarray(array[index])
-    except (RasterioError, *TIFF_ERRORS) as exc:
-        raise InputError(info.uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({underlying_reason(exc)})") from exc
+    except Exception as exc:
+        if not (isinstance(exc, RasterioError) or is_tiff_read_error(exc)):
+            raise
+        raise unreadable_window(info.uri, box, exc) from exc
     # (..., Y, ..., X, ...) -> (channel, Y, X), channels in the order the file has them
     order = [i for i, a in enumerate(info.axes) if a in CHANNEL_AXES] + [info.axes.index("Y"), info.axes.index("X")]
     others = [i for i in range(len(info.axes)) if i not in order]

@@ -21,7 +21,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipelines.areas import PixelAreas, pixel_areas
-from pipelines.errors import InputError, underlying_reason
+from pipelines.errors import InputError, unreadable_window
 from pipelines.model_card import ModelCard, processing_level
 from pipelines.sources import Source, SourceKind
 from pipelines.storage import exists, is_remote, rasterio_env
@@ -225,7 +225,7 @@ def decode_window(info: RasterInfo, bands: tuple[int, ...], box: Box) -> np.ndar
             else:
                 invalid = None
     except RasterioError as exc:
-        raise InputError(info.uri, f"cannot read rows {row0}:{row1}, cols {col0}:{col1} ({underlying_reason(exc)})") from exc
+        raise unreadable_window(info.uri, box, exc) from exc
     if info.scaled:
         shape = (-1, 1, 1)
         scales = np.array([info.scales[b - 1] for b in bands], dtype=np.float32).reshape(shape)

@@ -48,6 +48,7 @@ from pipelines.areas import PixelAreas
 from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
 from pipelines.sources import Source, SourceKind, image_stem, local_copy
+from pipelines.sources.tiff_errors import is_tiff_read_error
 from pipelines.tiling import Box
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -81,7 +82,6 @@ TIFF_DEPTH_AXES = ("Z", "Q", "I")
 TIFF_CHANNEL_AXES = ("C", "S")
 
 NIFTI_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
-TIFF_READ_ERRORS = (tifffile.TiffFileError, OSError, EOFError, ValueError, KeyError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,9 @@ def _inspect_tiff(path: str) -> VolumeInfo:
             spacing = _tiff_spacing(tif)
             dtype = str(series.dtype)
             _check_tiff_complete(tif, series, path)
-    except TIFF_READ_ERRORS as exc:
+    except Exception as exc:
+        if isinstance(exc, InputError) or not is_tiff_read_error(exc):
+            raise
         raise InputError(path, f"not a readable TIFF stack ({exc})") from exc
     return VolumeInfo(
         uri=path,
@@ -407,7 +409,9 @@ def _read_tiff_box(path: str, box: Box) -> np.ndarray:
             # tifffile's Zarr view decodes only the pages, strips or tiles the index touches.
             with series.aszarr() as store:
                 voxels = zarr.open_array(store, mode="r")[tuple(index)]
-    except TIFF_READ_ERRORS as exc:
+    except Exception as exc:
+        if isinstance(exc, InputError) or not is_tiff_read_error(exc):
+            raise
         raise InputError(path, f"cannot read voxels {box.start}-{box.stop} ({exc})") from exc
     voxels = voxels.transpose(layout.order)
     return np.ascontiguousarray(voxels.reshape(layout.channels, *box.shape))
