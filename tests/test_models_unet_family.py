@@ -315,7 +315,7 @@ def test_no_new_net_fits_the_liver_of_a_ct_volume():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     net = models.create("nnunet3d", num_classes=2, in_channels=1, base_features=8, depth=3)
-    steps, window = 60, 16
+    steps, window = 40, 16
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: (1 - step / steps) ** 0.9)
     start = time.process_time()

@@ -127,7 +127,7 @@ def test_no_new_net_learns_the_liver_of_a_ct_volume(ray_cluster, tmp_path, capsy
     # A Hounsfield window for the soft tissue; no flips: a CT's left and right differ.
     assert main(["train", "--images", str(ct), "--labels", str(liver), "--architecture", "nnunet3d",
                  "--architecture-options", "base_features=8,depth=3", "--classes", "background,liver", "--tile", "48",
-                 "--epochs", "4", "--steps-per-epoch", "30", "--batch", "2", "--learning-rate", "0.01",
+                 "--epochs", "3", "--steps-per-epoch", "30", "--batch", "2", "--learning-rate", "0.01", "--validation-tiles", "8",
                  "--clip=-200,300", "--augment", "none", "--out", str(out)]) == 0
     card = yaml.safe_load((out / "card.yaml").read_text())
     assert card["spatial_dims"] == 3 and card["input"]["clip"] == [-200.0, 300.0]
