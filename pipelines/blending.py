@@ -66,14 +66,20 @@ class BlockAccumulator:
         self.sums[(slice(None), *in_block)] += probabilities[(slice(None), *in_tile)] * self.weights[in_tile]
         self.weight_sums[in_block] += self.weights[in_tile]
 
-    def labels(self, region: tuple[slice, ...] | None = None):
+    def labels(self, region: tuple[slice, ...] | None = None, with_highest: bool = False):
         """Argmax over classes (the first of equal maxima; numpy: int64 indexes, torch: uint8 up
         to 256 classes); the total weight is a positive per-pixel factor and cannot change it.
         Only of `region` (slices of the accumulated pixels) when given: a block's own pixels,
-        without its halo (a sixth of a 2240² accumulator around a 2048² block)."""
+        without its halo (a sixth of a 2240² accumulator around a 2048² block).
+
+        With `with_highest`: (labels, each pixel's highest class score, NaN where any class's
+        is). Where it is not finite the model answered NaN or infinity (damaged or diverged
+        weights, an overflow at low precision), and the argmax means nothing: NaN compares
+        false, so such a pixel would quietly get class 0."""
         sums = self.sums if region is None else self.sums[(slice(None), *region)]
         if isinstance(sums, np.ndarray):
-            return sums.argmax(0)
+            labels = sums.argmax(0)
+            return (labels, sums.max(0)) if with_highest else labels
         # torch's argmax over the leading (class) axis is slow on the CPU (0.67 s for 4 x 2048²,
         # a sixth of the block's time); one elementwise pass per class, in place, takes a few
         # milliseconds a class (fresh tensors each pass: 165 against 110 ms for 4 x 2240² on
@@ -87,7 +93,8 @@ class BlockAccumulator:
             torch.gt(sums[k], best, out=greater)
             index.masked_fill_(greater, k)
             torch.maximum(best, sums[k], out=best)
-        return index
+        # torch.maximum carries a NaN through: `best` is the highest score, or NaN.
+        return (index, best) if with_highest else index
 
     def covered(self):
         """Where at least one tile contributed: elsewhere (background whose tiles were skipped)

@@ -373,13 +373,36 @@ class BlockPredictor:
         job, accumulator = block.job, block.accumulator
         in_block = job.block.relative_to(block.accumulated.start)
         valid = block.valid & accumulator.covered()[in_block]
+        labels, highest = accumulator.labels(in_block, with_highest=True)
+        # One pass that allocates nothing (the sum is NaN or infinite when any score is; the
+        # highest scores are weighted means of probabilities, far from fp32's range), and the
+        # pixels are only counted when it is not finite.
+        if not math.isfinite(float(highest.sum())):
+            answered = int((~torch.isfinite(highest) & valid).sum())
+            if answered:  # not only where there is no data (nodata, skipped), which no label shows
+                block.inputs = block.accumulator = None
+                raise self.non_finite_answer(job, answered, int(valid.sum()))
         if self.card.postprocess:
             block.probabilities, block.valid = to_host(accumulator.probabilities(), valid)
         else:
-            labels, row_counts = label_statistics(accumulator.labels(in_block), valid, self.card.num_classes, NODATA_LABEL)
+            labels, row_counts = label_statistics(labels, valid, self.card.num_classes, NODATA_LABEL)
             wanted = accumulator.probabilities()[(slice(None), *in_block)] if job.probability_store else None
             block.labels, block.row_counts, block.probabilities = to_host(labels, row_counts, wanted)
         block.inputs = block.accumulator = None  # the device memory goes with them
+
+    def non_finite_answer(self, job: BlockJob, pixels: int, valid: int) -> InputError:
+        """The error for a block where the model answered NaN or infinity: its labels would be
+        class 0 there, passed off as a prediction, so the image fails instead (its other images
+        go on in a night)."""
+        where = ", ".join(f"{axis} {start}:{stop}" for axis, start, stop in
+                          zip(("rows", "cols") if len(job.block.start) == 2 else ("slices", "rows", "cols"),
+                              job.block.start, job.block.stop))
+        precision = self.card.runtime.precision
+        cause = ("damaged or diverged weights" if precision == "fp32" else
+                 f"damaged or diverged weights, or an overflow at precision {precision} (fp32 rules that out)")
+        return InputError(self.card.source or self.card.name,
+                          f"the model answered NaN or infinity for {pixels:,} of the {valid:,} valid pixels of "
+                          f"{where}: {cause}")
 
     def write_block(self, block: BlockWork) -> BlockResult:
         """Post-processing (dense CRF) on the host, then the block's labels (and probabilities)

@@ -405,7 +405,8 @@ def check_network(card: ModelCard, module) -> None:
 
 def check_answer(card: ModelCard, model: TileModel, tile_field: str = "tile.size") -> None:
     """One zero tile of the card's size (plus the model's halo) through the model: it must run
-    and answer (1, classes, *tile) or larger. `tile_field` names where the tile size came from."""
+    and answer (1, classes, *tile) or larger, in finite numbers (a NaN among the weights reaches
+    every output). `tile_field` names where the tile size came from."""
     import torch
 
     side = card.tile_size + 2 * model.halo
@@ -423,6 +424,10 @@ def check_answer(card: ModelCard, model: TileModel, tile_field: str = "tile.size
     if logits.shape[1] != card.num_classes:
         raise InputError(card.source, f"the model returns {logits.shape[1]} classes, the card lists "
                                       f"{card.num_classes} under 'classes'")
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise InputError(card.source, f"the model answers a tile of zeros with NaN or infinity ({bad:,} of "
+                                      f"{logits.numel():,} values): its weights are damaged or diverged")
     smallest = min(logits.shape[2:])
     if smallest < card.tile_size:
         needed = model.halo + -(-(card.tile_size - smallest) // 2)

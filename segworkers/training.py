@@ -17,6 +17,7 @@ run computes exactly what the uninterrupted one did.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import InputError
 from pipelines.model_card import ModelCard
 from pipelines.training_data import NOT_LABELLED, PreparedImage, TileSampler, augment
 from pipelines.tiling import Box
@@ -172,7 +174,11 @@ def loss_of(logits, labels, num_classes: int):
     cross_entropy = F.cross_entropy(logits, labels, ignore_index=NOT_LABELLED)
     labelled = (labels != NOT_LABELLED).unsqueeze(1)
     if not bool(labelled.any()):
-        return cross_entropy * 0.0
+        # Nothing to learn here (a coarse head that misses a tile's few labelled pixels, a
+        # validation tile of sparse annotations): cross-entropy over no pixel is NaN, which
+        # would read as a diverged run. Zero, with zero gradients, unless the logits are not
+        # finite themselves.
+        return (logits.float().sum() * 0.0).abs()  # abs: 0, not -0, in the metrics
     probabilities = torch.softmax(logits.float(), dim=1) * labelled
     target = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).movedim(-1, 1) * labelled
     axes = (0, *range(2, logits.dim()))
@@ -258,7 +264,10 @@ def train_worker(config: dict) -> None:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            loss_sum += float(loss.detach()) * len(inputs)
+            step_loss = float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise diverged(step_loss, epoch, step, optimiser.param_groups[0]["lr"])
+            loss_sum += step_loss * len(inputs)
             tiles_seen += len(inputs)
             if progress is not None and rank == 0:
                 progress.put(("step", epoch, step + 1, loss_sum / tiles_seen))
@@ -295,6 +304,17 @@ def train_worker(config: dict) -> None:
                 saved = Checkpoint.from_directory(folder)
             ray.train.report({k: v for k, v in metrics.items() if k != "confusion"}, checkpoint=saved,
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def diverged(loss: float, epoch: int, step: int, learning_rate: float) -> InputError:
+    """A step whose loss is NaN or infinite has already written NaN into every weight (the
+    optimiser stepped on its gradients), and each later step and the card would carry it: the
+    run stops here, before the epoch's checkpoint, instead of writing a card that labels
+    everything as the first class."""
+    return InputError("--learning-rate", f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1} "
+                                         f"(learning rate {learning_rate:.3g} there): the weights diverged and no "
+                                         f"card is written; a lower --learning-rate usually helps (start again in "
+                                         f"another --out)")
 
 
 def configure_torch(plan: TrainingPlan) -> None:

@@ -1,13 +1,21 @@
 """Bad input stops `segpipe segment` with one line naming the file, exit code 2, and nothing
 left behind that looks like a finished result."""
 
+import importlib.resources
 import shutil
 
+import numpy as np
 import rasterio
+import tifffile
+import torch
 import yaml
 
+from flows.archive_flow import run_night
 from flows.cli import main
+from flows.options import RunOptions
 from pipelines.model_card import load_card
+from pipelines.stats import read_table
+from test_stitching import conv_net, torchscript_card
 
 
 def run_segment(capsys, src, out, model="s2-cloud"):
@@ -138,3 +146,75 @@ def test_a_tiff_cut_before_its_directory_is_one_line_on_the_terminal(sentinel_sc
     assert done.returncode == 2
     assert done.stderr.splitlines() == [done.stderr.strip()] and \
         done.stderr.startswith(f"segpipe: error: {src}: not a readable raster"), done.stderr
+
+
+# --- models that answer NaN ---------------------------------------------------------------------
+
+BRIGHT = 62  # raw nuclei pixel value above which NanWhereBright answers NaN
+
+
+class NanWhereBright(torch.nn.Module):
+    """A small conv net that answers NaN wherever the (normalised) pixel is brighter than BRIGHT:
+    finite on a tile of zeros, so it passes the check before the run and fails in the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = conv_net(2, 1, 3)
+        # torchscript_card's normalisation: (value * 1e-3 - 1.5) / 0.5; halfway between two values
+        self.threshold = ((BRIGHT + 0.5) * 1e-3 - 1.5) / 0.5
+
+    def forward(self, x):
+        logits = self.net(x)
+        band = x[:, :1]
+        # Below threshold + 1 too (every pixel is; a tile of zeros is not)
+        bright = (band > self.threshold) & (band < self.threshold + 1)
+        return torch.where(bright, torch.full_like(logits, float("nan")), logits)
+
+
+def nuclei_pixels() -> np.ndarray:
+    return tifffile.imread(str(importlib.resources.files("stardist") / "data" / "images" / "img2d.tif"))
+
+
+def test_a_model_with_a_nan_weight_is_refused_before_any_work(capsys, tmp_path):
+    pixels = nuclei_pixels()
+    src = tmp_path / "nuclei.tif"
+    tifffile.imwrite(src, pixels)
+    net = conv_net(2, 1, 3)
+    with torch.no_grad():
+        net[2].weight[1, 3, 0, 0] = float("nan")  # one weight of the last layer: every output is NaN
+    card = torchscript_card(tmp_path, net, 2, 1, 3, tile=128)
+    code, err = run_segment(capsys, src, tmp_path / "out", model=card)
+    assert code == 2
+    assert err == [f"segpipe: error: {card}: the model answers a tile of zeros with NaN or infinity (49,152 of "
+                   f"49,152 values): its weights are damaged or diverged"], err
+    assert_nothing_published(tmp_path / "out", "nuclei")
+
+
+def test_a_model_answering_nan_fails_that_image_and_the_night_goes_on(ray_cluster, prefect_server, capsys, tmp_path):
+    """Before, NaN compared false in the argmax: those pixels became class 0, counted and written
+    as a finished result."""
+    pixels = nuclei_pixels()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    tifffile.imwrite(archive / "bright.tif", pixels)
+    tifffile.imwrite(archive / "dim.tif", pixels // 4)  # at most 58: no pixel above BRIGHT
+    card = torchscript_card(tmp_path, NanWhereBright().eval(), 2, 1, 3, tile=128)
+    answered_nan = int((pixels > BRIGHT).sum())
+    assert 0 < answered_nan < pixels.size // 4
+
+    code, err = run_segment(capsys, archive / "bright.tif", tmp_path / "alone", model=card)
+    errors = [line for line in err if line.startswith("segpipe: error:")]
+    assert code == 2 and errors == [
+        f"segpipe: error: {card}: the model answered NaN or infinity for {answered_nan:,} of the {pixels.size:,} "
+        f"valid pixels of rows 0:512, cols 0:512: damaged or diverged weights"], err
+    assert_nothing_published(tmp_path / "alone", "bright")
+
+    night = tmp_path / "night"
+    report = run_night(str(archive), str(card), str(night), RunOptions(run_id="nan-night"))
+    assert report["done"] == ["dim"] and list(report["failed"]) == [str(archive / "bright.tif")], report
+    assert "the model answered NaN or infinity" in report["failed"][str(archive / "bright.tif")]
+    assert not (night / "bright").exists()
+    with rasterio.open(night / "dim" / "labels.tif") as labels:
+        assert labels.read(1).shape == pixels.shape
+    rows = read_table(night / "stats", "image_class").to_pylist()
+    assert {row["image"] for row in rows} == {"dim"}

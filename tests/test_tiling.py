@@ -98,3 +98,31 @@ def test_a_blocks_labels_and_counts_of_its_own_pixels_are_those_taken_from_the_w
         monkeypatch.undo()
         assert torch.equal(quick[0], reference[0]) and torch.equal(quick[1], reference[1])
         assert int(quick[1].sum()) == int(valid.sum()) and (quick[0][~valid] == 255).all()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_labels_say_where_a_class_score_is_not_finite(kind):
+    """NaN compares false, so the argmax alone gives such a pixel the first class; the highest
+    score that with_highest gives is not finite just there (NaN in any class, or a class at
+    infinity), and the labels are the same as without it."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    sums = rng.random((4, 30, 40)).astype(np.float32)
+    sums[2, 5, 7] = np.nan
+    sums[0, 9, 9] = np.inf
+    sums[3, 20, 30] = -np.inf  # only the lowest score: the other classes decide, and the pixel is not flagged
+    sums[:, 25, 1] = np.nan
+    expected = np.zeros((30, 40), dtype=bool)
+    expected[5, 7] = expected[9, 9] = expected[25, 1] = True
+    block = Box((0, 0), (30, 40))
+    weights = np.ones((30, 40), np.float32) if kind == "numpy" else torch.ones((30, 40))
+    accumulator = BlockAccumulator(block, 4, weights)
+    accumulator.sums = sums if kind == "numpy" else torch.from_numpy(sums)
+    region = (slice(2, 28), slice(0, 35))
+    labels, highest = accumulator.labels(region, with_highest=True)
+    as_numpy = (lambda a: a) if kind == "numpy" else (lambda a: a.numpy())
+    np.testing.assert_array_equal(~np.isfinite(as_numpy(highest)), expected[region])
+    finite = np.isfinite(sums).all(0)[region]
+    np.testing.assert_array_equal(as_numpy(highest)[finite], sums.max(0)[region][finite])
+    np.testing.assert_array_equal(as_numpy(labels), as_numpy(accumulator.labels(region)))

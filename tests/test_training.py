@@ -185,6 +185,38 @@ def test_two_workers_killed_mid_run_resume_to_the_weights_of_an_uninterrupted_ru
     assert scores(killed) == scores(uninterrupted)
 
 
+def test_a_diverging_run_stops_in_one_line_and_writes_no_card(ray_cluster, nuclei_halves, tmp_path, capsys):
+    """Before, a learning rate far too high trained to a loss of NaN, wrote a card of NaN weights
+    and exited 0."""
+    pair = ["--images", str(nuclei_halves["left"]), "--labels", str(nuclei_halves["left_mask"])]
+    out = tmp_path / "diverged"
+    capsys.readouterr()
+    assert main(["train", *pair, *TINY, "--epochs", "2", "--learning-rate", "1e9", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("segpipe: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "segpipe: error: --learning-rate: the training loss became nan at epoch 1, step "), errors
+    assert "no card is written; a lower --learning-rate usually helps" in errors[0]
+    assert not (out / "card.yaml").exists() and not (out / "weights.safetensors").exists()
+
+
+def test_a_loss_over_no_labelled_pixel_is_zero_with_zero_gradients():
+    """A coarse deep-supervision head that misses a tile's few labelled pixels, or a validation
+    tile of sparse annotations: cross-entropy over no pixel is NaN, which would read as a
+    diverged run."""
+    import torch
+
+    from pipelines.training_data import NOT_LABELLED
+    from segworkers.training import loss_of
+
+    logits = torch.randn((2, 3, 16, 16), requires_grad=True)
+    loss = loss_of(logits, torch.full((2, 16, 16), NOT_LABELLED), 3)
+    loss.backward()
+    assert loss.item() == 0.0 and str(loss.item()) == "0.0" and logits.grad.abs().sum().item() == 0.0
+    labelled = torch.full((2, 16, 16), NOT_LABELLED)
+    labelled[0, 8, 8] = 1
+    assert torch.isfinite(loss_of(logits, labelled, 3)) and loss_of(logits, labelled, 3).item() > 0
+
+
 # QuPath's GeoJSON (level-0 pixels): a stretch of stroma and a stretch of glass on the CMU slide.
 def qupath_annotations() -> dict:
     def rectangle(x0, y0, x1, y1):
