@@ -253,7 +253,8 @@ def continued_options(out: str, options: TrainingOptions) -> TrainingOptions:
 def training_card(pairs: list[TrainingPair], options: TrainingOptions, out: str) -> ModelCard:
     """The card being trained: from --fine-tune, or built from the options and the first image."""
     from pipelines.sources import choose_kind
-    from segworkers.tile_models import architecture_format, build_architecture, check_network
+    from segworkers.tile_models import (architecture_format, build_architecture, check_network, load_state_dict_file,
+                                        non_finite_tensors)
 
     classes = parse_classes(options.classes) if options.classes else label_classes(pairs)
     if options.fine_tune:
@@ -261,6 +262,10 @@ def training_card(pairs: list[TrainingPair], options: TrainingOptions, out: str)
         if base.format not in ("registry", "smp", "torchvision") or (base.format == "smp" and base.weights.is_dir()):
             raise InputError(options.fine_tune, f"a {base.format} card cannot be fine-tuned here: its network must "
                                                 "be a registry, torchvision or smp architecture with a state dict")
+        bad = non_finite_tensors(load_state_dict_file(base.weights))
+        if bad:  # every step would be NaN from the first: the run would read as diverged
+            raise InputError(base.weights, f"holds NaN or infinity in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                                           f"{', ...' if len(bad) > 3 else ''}): there is nothing to fine-tune from")
         given = {"tile_size": options.tile, "halo": options.halo}
         card = dataclasses.replace(base, classes=classes, name=options.name, version="1", overlap=options.overlap,
                                    **{key: value for key, value in given.items() if value is not None})

@@ -443,6 +443,14 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:500]
 
 
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinity."""
+    import torch
+
+    return [name for name, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def load_state_dict_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

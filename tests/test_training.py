@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import rasterio
 import tifffile
 import yaml
 from rasterio.transform import from_origin
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from flows.cli import main
 from training import CT_LABELS, CT_VOLUME, SLIDE, shared_data
@@ -323,7 +324,7 @@ def test_smp_and_torchvision_networks_train_into_cards_segment_uses(ray_cluster,
     assert (segmented / "right" / "labels.tif").is_file()
 
 
-def test_fine_tuning_starts_from_the_cards_weights(nuclei_model, nuclei_halves, tmp_path):
+def test_fine_tuning_starts_from_the_cards_weights(nuclei_model, nuclei_halves, tmp_path, capsys):
     pair = ["--images", str(nuclei_halves["left"]), "--labels", str(nuclei_halves["left_mask"])]
     base = nuclei_model[0]
     tuned = tmp_path / "tuned"
@@ -336,3 +337,19 @@ def test_fine_tuning_starts_from_the_cards_weights(nuclei_model, nuclei_halves, 
     card = yaml.safe_load((tuned / "card.yaml").read_text())
     assert card["architecture_options"] == {"base_features": 16, "depth": 3} and card["tile"]["size"] == 96
     assert card["input"]["mean"] == yaml.safe_load((base / "card.yaml").read_text())["input"]["mean"]
+
+    # A card whose weights hold a NaN (a diverged run saved before this was checked) is refused
+    # before any training, naming the file and the tensor.
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(base, poisoned, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = dict(before)
+    name = sorted(weights)[1]
+    weights[name] = weights[name].copy()
+    weights[name].flat[0] = np.nan
+    save_file(weights, str(poisoned / "weights.safetensors"))
+    capsys.readouterr()
+    assert main(["train", *pair, "--fine-tune", str(poisoned / "card.yaml"), "--classes", "background,nucleus",
+                 "--epochs", "1", "--out", str(tmp_path / "from-nan")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"segpipe: error: {poisoned / 'weights.safetensors'}: holds NaN or infinity in 1 tensor(s) ({name}): "
+        f"there is nothing to fine-tune from")
