@@ -47,6 +47,16 @@ def test_file_that_is_not_an_image(capsys, tmp_path):
     assert err[0].startswith(f"segpipe: error: {src}: not a readable raster")
 
 
+def test_a_folder_given_to_segment_says_run_is_for_folders(capsys, sentinel_scene, tmp_path):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    shutil.copy(sentinel_scene, folder / "scene.tif")
+    code, err = run_segment(capsys, folder, tmp_path / "out")
+    assert code == 2
+    assert err == [f"segpipe: error: {folder}: is a folder, neither an image nor a Zarr store: `segpipe run` "
+                   f"segments the images in a folder"], err
+
+
 def test_truncated_geotiff_fails_during_ingest_and_leaves_nothing(ray_cluster, capsys, sentinel_scene, tmp_path):
     # Tiled and compressed, its directory first (as GDAL writes it): the file opens, and reading
     # the tiles past the cut fails.

@@ -129,6 +129,9 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
                 info.__dict__["absent_blocks"] = absent_blocks(src)
             return info
     except RasterioError as exc:
+        if not is_remote(uri) and Path(uri).is_dir():  # GDAL reads some folders (Arc/Info grids): it did not
+            raise InputError(uri, "is a folder, neither an image nor a Zarr store: `segpipe run` segments the "
+                                  "images in a folder") from exc
         raise InputError(uri, f"not a readable raster ({exc})") from exc
 
 
