@@ -374,9 +374,9 @@ class BlockPredictor:
         in_block = job.block.relative_to(block.accumulated.start)
         valid = block.valid & accumulator.covered()[in_block]
         labels, highest = accumulator.labels(in_block, with_highest=True)
-        # One pass that allocates nothing (the sum is NaN or infinite when any score is; the
-        # highest scores are weighted means of probabilities, far from fp32's range), and the
-        # pixels are only counted when it is not finite.
+        # One pass that allocates nothing (the sum is NaN or infinite when any score is; a
+        # score is a weighted sum of probabilities, a few at most, far from fp32's range), and
+        # the pixels are only counted when it is not finite.
         if not math.isfinite(float(highest.sum())):
             answered = int((~torch.isfinite(highest) & valid).sum())
             if answered:  # not only where there is no data (nodata, skipped), which no label shows

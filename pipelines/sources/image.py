@@ -43,6 +43,8 @@ MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "n
            "in": 25400.0, "inch": 25400.0}
 # TIFF 6.0 ResolutionUnit: 2 = inch, 3 = centimetre (1 = no unit: a ratio only).
 MICRONS_PER_RESOLUTION_UNIT = {2: 25400.0, 3: 10000.0}
+
+
 class StackError(InputError):
     """A TIFF of several planes (z, time) given to a 2D card: an image, but not one to segment in 2D."""
 
