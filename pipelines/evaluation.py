@@ -1,9 +1,12 @@
 """How well labels agree with a reference: per image and class IoU, Dice, precision, recall, and
 the confusion matrix, for a labels raster against a reference raster of the same grid.
 
-Pixels that are nodata (255) in either raster are left out. Both rasters are read in strips of
-rows (volumes: slices), so memory does not depend on the image size. Rasters are whatever GDAL
-reads (labels.tif, masks) or NIfTI volumes.
+Pixels that are not labelled in either raster are left out: 255, the raster's own nodata value
+and NaN. Every other value must be a class id (a whole number 0-254) and a raster one band (a
+volume 3D): a colour-coded mask, a probability map or a one-hot volume is refused, naming the
+file and the first pixel, not counted as classes it does not hold. Both rasters are read in
+strips of rows (volumes: slices), so memory does not depend on the image size. Rasters are
+whatever GDAL reads (labels.tif, masks) or NIfTI volumes.
 """
 
 from __future__ import annotations
@@ -155,7 +158,12 @@ class open_labels:
                 self.nifti = nib.load(self.path)
             except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
                 raise InputError(self.path, f"not a readable NIfTI file ({exc})") from exc
-            self.shape = tuple(int(n) for n in self.nifti.shape[:3])
+            shape = tuple(int(n) for n in self.nifti.shape)
+            if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+                raise InputError(self.path, f"is a {len(shape)}D volume {shape}: a labels volume is 3D, one class id "
+                                            "per voxel (a one-hot or 4D volume must first be turned into class ids)")
+            self.shape = shape[:3]
+            self.nodata = None
             self.grid = tuple(np.round(self.nifti.affine, 6).ravel())
             from pipelines.outputs.nifti_labels import SLICER_TABLE
 
@@ -168,7 +176,14 @@ class open_labels:
             self.dataset = rasterio.open(self.path)
         except RasterioError as exc:
             raise InputError(self.path, f"not a readable raster ({exc})") from exc
+        if self.dataset.count != 1:
+            bands = self.dataset.count
+            self.dataset.close()
+            raise InputError(self.path, f"has {bands} bands: a labels raster is one band of class ids (a "
+                                        "colour-coded mask must first be turned into class ids; `gdal_translate -b N` "
+                                        "takes one band)")
         self.shape = (self.dataset.height, self.dataset.width)
+        self.nodata = self.dataset.nodata
         self.grid = (str(self.dataset.crs), tuple(self.dataset.transform)[:6]) if self.dataset.crs else None
         self.class_names = category_names(self.path)
         return self
@@ -178,15 +193,43 @@ class open_labels:
             self.dataset.close()
 
     def strips(self):
+        """Class ids (int64; NODATA where not labelled), a strip at a time."""
         if hasattr(self, "nifti"):
             step = max(1, STRIP_PIXELS // (self.shape[0] * self.shape[1]))
             for k in range(0, self.shape[2], step):
-                yield np.asarray(self.nifti.dataobj[..., k : k + step]).astype(np.int64).clip(0, NODATA)
+                voxels = np.asarray(self.nifti.dataobj[:, :, k : k + step]).reshape(*self.shape[:2], -1)
+                yield self.class_ids(voxels, (0, 0, k))
             return
         rows = max(1, STRIP_PIXELS // self.shape[1])
         for row in range(0, self.shape[0], rows):
             window = ((row, min(row + rows, self.shape[0])), (0, self.shape[1]))
-            yield self.dataset.read(1, window=window).astype(np.int64).clip(0, NODATA)
+            yield self.class_ids(self.dataset.read(1, window=window), (row, 0))
+
+    def class_ids(self, values: np.ndarray, origin: tuple[int, ...]) -> np.ndarray:
+        """`values` as class ids: the file's nodata and NaN become NODATA; anything else that is
+        no class id is refused (casting would make a colour, a probability or -1 a class)."""
+        if values.dtype == np.uint8 and self.nodata in (None, NODATA):
+            return values.astype(np.int64)
+        floating = np.issubdtype(values.dtype, np.floating)
+        labelled = np.isfinite(values) if floating else np.ones(values.shape, dtype=bool)
+        if self.nodata is not None and not np.isnan(self.nodata):
+            labelled &= values != self.nodata
+        if floating:
+            self.refuse(labelled & (values != np.floor(values)), values, origin,
+                        "not a whole number: class ids are integers")
+        self.refuse(labelled & ((values < 0) | (values > NODATA)), values, origin,
+                    f"not a class id (0-{NODATA - 1}; {NODATA} = not labelled)")
+        return np.where(labelled, values, NODATA).astype(np.int64)
+
+    def refuse(self, wrong: np.ndarray, values: np.ndarray, origin: tuple[int, ...], why: str) -> None:
+        if not wrong.any():
+            return
+        first = tuple(int(i) for i in np.argwhere(wrong)[0])
+        where = tuple(i + o for i, o in zip(first, origin))
+        at = f"voxel {where}" if hasattr(self, "nifti") else f"row {where[0]}, column {where[1]}"
+        others = int(wrong.sum()) - 1  # in this strip: later strips are not read
+        more = f" (and at least {others:,} more)" if others else ""
+        raise InputError(self.path, f"holds the value {values[first].item()!r} at {at}{more}: {why}")
 
 
 def slicer_table_names(table: Path) -> tuple[str, ...]:

@@ -209,6 +209,7 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
     tile = card.tile_size
     block = -(-(512 if card.spatial_dims == 2 else 64) // tile) * tile  # shards of whole chunks
     ingest_source(source, bands, image_store, tile, block)
+    unlabelled = None
     if pair.labels.lower().endswith((".geojson", ".json")):
         labels = rasterise_annotations(pair.labels, source, card)
         zarr.create_array(store=label_store, data=labels[None], chunks=(1, *(min(tile, s) for s in labels.shape)),
@@ -218,15 +219,25 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
         label_source = open_source(pair.labels, label_card)
         check_same_grid(pair, source, label_source)
         ingest_source(label_source, (1,), label_store, tile, block)
-    labels = zarr.open_array(label_store, mode="r")
+        unlabelled = label_source.nodata
+    labels = zarr.open_array(label_store, mode="r+")
     counts = np.zeros(card.num_classes, dtype=np.int64)
     for box in block_partition(labels.shape[1:], (block,) * (labels.ndim - 1)):
         values = np.asarray(labels[(0, *box.slices())])
+        # The labels file's own nodata (and NaN) is not labelled, as segpipe evaluate reads it.
+        not_labelled = np.isnan(values) if np.issubdtype(values.dtype, np.floating) else np.zeros(values.shape, bool)
+        if unlabelled is not None and not np.isnan(unlabelled) and unlabelled != NOT_LABELLED:
+            not_labelled |= values == unlabelled
+        if not_labelled.any():
+            values = np.where(not_labelled, NOT_LABELLED, values).astype(values.dtype)
+            labels[(0, *box.slices())] = values
         bad = np.setdiff1d(np.unique(values), [*range(card.num_classes), NOT_LABELLED])
         if bad.size:
             raise InputError(pair.labels, f"has label values {', '.join(map(str, bad[:10]))} that are not among the "
                                           f"{card.num_classes} classes (ids 0-{card.num_classes - 1}; 255 = not labelled)")
-        counts += np.bincount(values[values != NOT_LABELLED].ravel(), minlength=card.num_classes)[: card.num_classes]
+        # Whole numbers by now, whatever the file's type (float labels included).
+        ids = values[values != NOT_LABELLED].ravel().astype(np.int64)
+        counts += np.bincount(ids, minlength=card.num_classes)[: card.num_classes]
     if counts.sum() == 0:
         raise InputError(pair.labels, "has no labelled pixel")
     return PreparedImage(pair.name, image_store, label_store, tuple(source.shape), tuple(int(c) for c in counts))

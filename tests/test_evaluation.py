@@ -1,0 +1,152 @@
+"""`segpipe evaluate` reads references as users have them: another integer type with its own
+nodata value, floating point with NaN, NIfTI volumes stored as floats or with a fourth axis of
+one; and refuses, naming the file and the first pixel, what holds no class ids (a colour mask,
+fractions, values above 255 or below 0) instead of casting it into classes."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+
+from flows.cli import main
+from pipelines.errors import InputError
+from pipelines.evaluation import evaluate
+from training import CT_LABELS, shared_data
+
+
+def write_like(template, path, array, **changes):
+    """`array` as a GeoTIFF on the grid of the raster `template`."""
+    with rasterio.open(template) as source:
+        profile = {"driver": "GTiff", "height": source.height, "width": source.width, "crs": source.crs,
+                   "transform": source.transform}
+    count = 1 if array.ndim == 2 else array.shape[0]
+    profile.update({"count": count, "dtype": array.dtype, "nodata": None, **changes})
+    with rasterio.open(path, "w", **profile) as target:
+        target.write(array if array.ndim == 3 else array[None])
+    return path
+
+
+@pytest.fixture(scope="module")
+def predicted(segmented_scene, tmp_path_factory):
+    """The segmented scene's labels.tif, and a reference that differs from it: class ids shifted
+    in a band of rows, so the confusion has more than one cell."""
+    labels = segmented_scene / "sentinel2_scene" / "labels.tif"
+    with rasterio.open(labels) as source:
+        values = source.read(1)
+    reference = values.copy()
+    reference[60:90] = (reference[60:90] + 1) % 3
+    return labels, reference
+
+
+def confusion_of(prediction, reference):
+    return evaluate(prediction, reference).confusion
+
+
+def test_the_references_own_nodata_and_nan_are_left_out_like_255(predicted, tmp_path):
+    labels, reference = predicted
+    unlabelled = np.zeros(reference.shape, dtype=bool)
+    unlabelled[10:25] = True
+    unlabelled[:, 200:230] = True
+    with_255 = np.where(unlabelled, 255, reference).astype(np.uint8)
+    expected = confusion_of(labels, write_like(labels, tmp_path / "uint8.tif", with_255))
+    assert 0 < expected.sum() < (~unlabelled).sum() + 1 and expected.sum() == (~unlabelled & (reference != 255)).sum()
+    assert np.count_nonzero(expected - np.diag(np.diag(expected))) > 0  # the shifted rows disagree
+
+    int16 = np.where(unlabelled, -1, reference.astype(np.int16))
+    assert (confusion_of(labels, write_like(labels, tmp_path / "int16.tif", int16, nodata=-1)) == expected).all()
+    uint16 = np.where(unlabelled, 9999, reference.astype(np.uint16))
+    assert (confusion_of(labels, write_like(labels, tmp_path / "u16.tif", uint16, nodata=9999)) == expected).all()
+    floats = np.where(unlabelled, np.nan, reference.astype(np.float32))
+    assert (confusion_of(labels, write_like(labels, tmp_path / "nan.tif", floats)) == expected).all()
+    floats_nodata = np.where(unlabelled, -3.5, reference.astype(np.float64))
+    nodata_path = write_like(labels, tmp_path / "f64.tif", floats_nodata, nodata=-3.5)
+    assert (confusion_of(labels, nodata_path) == expected).all()
+
+
+@pytest.mark.parametrize("kind", ["above 255", "below 0", "fraction"])
+def test_values_that_are_no_class_ids_are_refused_naming_the_first_pixel(predicted, tmp_path, capsys, kind):
+    labels, reference = predicted
+    if kind == "fraction":
+        values = reference.astype(np.float32)
+        values[120, 33:40] = 0.5  # a probability map, or labels resampled with bilinear interpolation
+        value, why = "0.5", "not a whole number: class ids are integers"
+    else:
+        values = reference.astype(np.int16)
+        values[120, 33:40] = 300 if kind == "above 255" else -2
+        value, why = ("300" if kind == "above 255" else "-2"), "not a class id (0-254; 255 = not labelled)"
+    path = write_like(labels, tmp_path / "reference.tif", values, nodata=-1 if kind == "above 255" else None)
+    code = main(["evaluate", str(labels), "--reference", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"segpipe: error: {path}: holds the value {value} at row 120, column 33 (and at least 6 more): "
+                   f"{why}"]
+
+
+def test_a_colour_mask_is_refused_not_read_as_its_red_band(predicted, tmp_path, capsys):
+    labels, reference = predicted
+    palette = np.array([[0, 0, 0], [255, 255, 255], [90, 90, 90]], dtype=np.uint8)
+    colours = np.moveaxis(palette[np.minimum(reference, 2)], -1, 0)
+    path = write_like(labels, tmp_path / "colours.tif", colours)
+    assert main(["evaluate", str(labels), "--reference", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"segpipe: error: {path}: has 3 bands: a labels raster is one band of class ids (a colour-coded mask must "
+        f"first be turned into class ids; `gdal_translate -b N` takes one band)")
+
+
+def test_nifti_references_as_floats_or_with_a_fourth_axis_of_one(tmp_path):
+    organs = shared_data(CT_LABELS)
+    volume = nib.load(organs)
+    ids = np.asarray(volume.dataobj).astype(np.uint8)
+    itself = evaluate(organs, organs)
+    assert itself.confusion.sum() == (ids != 255).sum()
+    assert (itself.confusion == np.diag(np.diag(itself.confusion))).all()
+    assert len(itself.class_names) == int(ids.max()) + 1
+
+    as_floats = tmp_path / "floats.nii.gz"
+    nib.save(nib.Nifti1Image(ids.astype(np.float32), volume.affine), as_floats)
+    assert (evaluate(organs, as_floats).confusion == itself.confusion).all()
+    one_more_axis = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(ids[..., None], volume.affine), one_more_axis)
+    assert (evaluate(organs, one_more_axis).confusion == itself.confusion).all()
+
+    one_hot = tmp_path / "one_hot.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([ids == 0, ids != 0], axis=-1).astype(np.uint8), volume.affine), one_hot)
+    with pytest.raises(InputError) as refused:
+        evaluate(organs, one_hot)
+    assert str(refused.value).startswith(f"{one_hot}: is a 4D volume ({', '.join(map(str, ids.shape))}, 2): a labels "
+                                         f"volume is 3D")
+    resampled = tmp_path / "resampled.nii.gz"
+    fractions = ids.astype(np.float32)
+    fractions[40, 50, 12] = 2.25
+    nib.save(nib.Nifti1Image(fractions, volume.affine), resampled)
+    with pytest.raises(InputError, match=r"holds the value 2\.25 at voxel \(40, 50, 12\): not a whole number"):
+        evaluate(organs, resampled)
+
+
+def test_training_reads_a_labels_files_own_nodata_and_nan_as_not_labelled(predicted, sentinel_scene, tmp_path):
+    """segpipe train's labels go through the same reading: the file's nodata value and NaN are not
+    labelled (255), whatever the file's type, so training and evaluate count the same pixels."""
+    import zarr
+
+    from flows.training_run import probe_card
+    from pipelines.model_card import ClassInfo
+    from pipelines.training_data import TrainingPair, prepare_pair
+
+    labels, reference = predicted
+    card = probe_card(tuple(ClassInfo(i, name, (i * 80, 0, 0)) for i, name in enumerate(("clear", "cloud", "shadow"))))
+    unlabelled = np.zeros(reference.shape, dtype=bool)
+    unlabelled[30:70, 100:180] = True
+    variants = {
+        "uint8": np.where(unlabelled, 255, reference).astype(np.uint8),
+        "int16": np.where(unlabelled, -1, reference.astype(np.int16)),
+        "float32": np.where(unlabelled, np.nan, reference.astype(np.float32)),
+    }
+    prepared = {}
+    for name, values in variants.items():
+        path = write_like(labels, tmp_path / f"{name}.tif", values, **({"nodata": -1} if name == "int16" else {}))
+        prepared[name] = prepare_pair(TrainingPair(str(sentinel_scene), str(path)), card, str(tmp_path / name))
+    expected = tuple(int((variants["uint8"] == c).sum()) for c in range(3))
+    assert all(p.class_pixels == expected for p in prepared.values()), {n: p.class_pixels for n, p in prepared.items()}
+    stored = {n: np.asarray(zarr.open_array(p.label_store, mode="r")[0]) for n, p in prepared.items()}
+    assert all((s == stored["uint8"]).all() for s in stored.values())
+    assert (stored["uint8"][unlabelled] == 255).all()
