@@ -150,3 +150,18 @@ def test_training_reads_a_labels_files_own_nodata_and_nan_as_not_labelled(predic
     stored = {n: np.asarray(zarr.open_array(p.label_store, mode="r")[0]) for n, p in prepared.items()}
     assert all((s == stored["uint8"]).all() for s in stored.values())
     assert (stored["uint8"][unlabelled] == 255).all()
+
+
+def test_training_refuses_a_colour_mask(predicted, sentinel_scene, tmp_path):
+    from flows.training_run import probe_card
+    from pipelines.model_card import ClassInfo
+    from pipelines.training_data import TrainingPair, prepare_pair
+
+    labels, reference = predicted
+    card = probe_card((ClassInfo(0, "clear", (0, 0, 0)), ClassInfo(1, "cloud", (255, 255, 255))))
+    colours = np.repeat(np.where(reference == 1, 255, 0).astype(np.uint8)[None], 3, axis=0)
+    path = write_like(labels, tmp_path / "colours.tif", colours)
+    with pytest.raises(InputError) as refused:
+        prepare_pair(TrainingPair(str(sentinel_scene), str(path)), card, str(tmp_path / "prepared"))
+    assert str(refused.value) == (f"{path}: has 3 bands: a labels raster is one band of class ids (a colour-coded "
+                                  f"mask must first be turned into class ids)")
