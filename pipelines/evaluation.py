@@ -11,6 +11,8 @@ whatever GDAL reads (labels.tif, masks) or NIfTI volumes.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipelines import storage
 from pipelines.errors import InputError
 
 NODATA = 255
@@ -147,15 +150,28 @@ class open_labels:
 
     def __init__(self, path: str):
         self.path = path
-        if not Path(path).exists():
+        if not storage.exists(path):
             raise InputError(path, "no such file")
+        self.resources = contextlib.ExitStack()
 
     def __enter__(self):
+        try:
+            return self.open()
+        except BaseException:
+            self.resources.close()
+            raise
+
+    def open(self):
         if self.path.lower().endswith(NIFTI):
             import nibabel as nib
 
+            local = self.path
+            if storage.is_remote(self.path):  # nibabel reads files: a copy for as long as this is open
+                copy = self.resources.enter_context(tempfile.TemporaryDirectory(prefix="segpipe-labels-"))
+                local = str(Path(copy) / self.path.rsplit("/", 1)[-1])
+                Path(local).write_bytes(storage.read_bytes(self.path))
             try:
-                self.nifti = nib.load(self.path)
+                self.nifti = nib.load(local)
             except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
                 raise InputError(self.path, f"not a readable NIfTI file ({exc})") from exc
             shape = tuple(int(n) for n in self.nifti.shape)
@@ -167,18 +183,18 @@ class open_labels:
             self.grid = tuple(np.round(self.nifti.affine, 6).ravel())
             from pipelines.outputs.nifti_labels import SLICER_TABLE
 
-            self.class_names = slicer_table_names(Path(self.path).with_name(SLICER_TABLE))
+            self.class_names = slicer_table_names(beside(self.path, SLICER_TABLE))
             return self
         import rasterio
         from rasterio.errors import RasterioError
 
+        self.resources.enter_context(storage.rasterio_env(self.path))
         try:
-            self.dataset = rasterio.open(self.path)
+            self.dataset = self.resources.enter_context(rasterio.open(self.path))
         except RasterioError as exc:
             raise InputError(self.path, f"not a readable raster ({exc})") from exc
         if self.dataset.count != 1:
             bands = self.dataset.count
-            self.dataset.close()
             raise InputError(self.path, f"has {bands} bands: a labels raster is one band of class ids (a "
                                         "colour-coded mask must first be turned into class ids; `gdal_translate -b N` "
                                         "takes one band)")
@@ -189,8 +205,7 @@ class open_labels:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if hasattr(self, "dataset"):
-            self.dataset.close()
+        self.resources.close()
 
     def strips(self):
         """Class ids (int64; NODATA where not labelled), a strip at a time."""
@@ -232,13 +247,23 @@ class open_labels:
         raise InputError(self.path, f"holds the value {values[first].item()!r} at {at}{more}: {why}")
 
 
-def slicer_table_names(table: Path) -> tuple[str, ...]:
+def beside(path: str, name: str) -> str:
+    """The file `name` in the folder of `path` (a local path or an s3:// URI)."""
+    return f"{path.rsplit('/', 1)[0]}/{name}" if "/" in path else name
+
+
+def text_if_there(path: str) -> str | None:
+    return storage.read_bytes(path).decode() if storage.exists(path) else None
+
+
+def slicer_table_names(table: str | Path) -> tuple[str, ...]:
     """Class names from the 3D Slicer colour table segpipe writes beside labels.nii.gz
     (lines "index name r g b a"), where it is there."""
-    if not table.is_file():
+    text = text_if_there(str(table))
+    if text is None:
         return ()
     names = {}
-    for line in table.read_text().splitlines():
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and not line.startswith("#") and parts[0].isdigit():
             names[int(parts[0])] = parts[1]
@@ -247,9 +272,9 @@ def slicer_table_names(table: Path) -> tuple[str, ...]:
 
 def category_names(path: str) -> tuple[str, ...]:
     """The class names of a labels.tif, from its GDAL sidecar (category names), if any."""
-    sidecar = Path(f"{path}.aux.xml")
-    if not sidecar.is_file():
+    text = text_if_there(f"{path}.aux.xml")
+    if text is None:
         return ()
-    band = ElementTree.parse(sidecar).getroot().find("PAMRasterBand")
+    band = ElementTree.fromstring(text).find("PAMRasterBand")
     categories = band.find("CategoryNames") if band is not None else None
     return tuple(c.text or "" for c in categories) if categories is not None else ()

@@ -184,7 +184,7 @@ def raster_colours(path: str) -> dict[int, tuple[int, int, int]]:
     import rasterio
 
     try:
-        with rasterio.open(path) as dataset:
+        with storage.rasterio_env(path), rasterio.open(path) as dataset:
             return {i: tuple(rgba[:3]) for i, rgba in dataset.colormap(1).items()}
     except (ValueError, rasterio.errors.RasterioError):
         return {}

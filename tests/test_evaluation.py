@@ -165,3 +165,34 @@ def test_training_refuses_a_colour_mask(predicted, sentinel_scene, tmp_path):
         prepare_pair(TrainingPair(str(sentinel_scene), str(path)), card, str(tmp_path / "prepared"))
     assert str(refused.value) == (f"{path}: has 3 bands: a labels raster is one band of class ids (a colour-coded "
                                   f"mask must first be turned into class ids)")
+
+
+def test_label_files_on_object_storage_name_their_classes_and_are_evaluated(s3_server, predicted, tmp_path):
+    """segpipe train --labels s3://... takes the class names from the label files themselves
+    (before: 'no such file' unless --classes was given); evaluate reads s3:// rasters and volumes."""
+    import boto3
+
+    from pipelines.training_data import TrainingPair, label_classes
+
+    labels, reference = predicted
+    bucket = "segpipe-label-files"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(labels), bucket, "masks/scene.tif")
+    s3.upload_file(f"{labels}.aux.xml", bucket, "masks/scene.tif.aux.xml")
+    plain = write_like(labels, tmp_path / "plain.tif", reference.astype(np.uint8))
+    s3.upload_file(str(plain), bucket, "plain/scene.tif")
+
+    named = label_classes([TrainingPair("s3://x/scene.tif", f"s3://{bucket}/masks/scene.tif")])
+    assert [c.name for c in named] == ["clear", "cloud", "shadow"]
+    assert named == label_classes([TrainingPair("scene.tif", str(labels))])  # the same names and colours as locally
+    numbered = label_classes([TrainingPair("s3://x/scene.tif", f"s3://{bucket}/plain/scene.tif")])
+    assert [c.name for c in numbered] == [f"class{i}" for i in range(int(reference.max()) + 1)]
+
+    on_s3 = evaluate(f"s3://{bucket}/masks/scene.tif", plain)
+    assert (on_s3.confusion == evaluate(labels, plain).confusion).all()
+    assert on_s3.class_names == ("clear", "cloud", "shadow")
+    organs = shared_data(CT_LABELS)
+    s3.upload_file(str(organs), bucket, "volumes/organs.nii.gz")
+    volume_on_s3 = evaluate(f"s3://{bucket}/volumes/organs.nii.gz", organs)
+    assert (volume_on_s3.confusion == evaluate(organs, organs).confusion).all()
