@@ -205,3 +205,18 @@ def test_unsupported_extension_is_an_input_error(ct, tmp_path):
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         inspect_volume(tmp_path / "absent.nii.gz")
+
+
+def test_a_2d_card_given_a_volume_is_refused_before_any_work(ct, tmp_path, capsys):
+    """Before: the volume was tiled in 3D and the 2D model failed on the first batch with
+    conv2d's traceback."""
+    from flows.cli import main
+    from test_stitching import conv_net, torchscript_card
+
+    card = torchscript_card(tmp_path, conv_net(2, 1, 2), 2, 1, 2, 32)
+    out = tmp_path / "out"
+    assert main(["segment", str(ct), "--model", str(card), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"segpipe: error: {ct}: is a 3D volume (122 x 101 x 30) but model card {card} segments 2D images "
+                   f"(spatial_dims: 2)"], err
+    assert not out.exists()

@@ -162,6 +162,11 @@ def open_source(uri: str | Path, card: ModelCard) -> Source:
     """Open `uri` as the kind the registry chooses and check it against the card's bands."""
     uri = str(uri).rstrip("/")
     source = choose_kind(uri, card).open(uri, card)
+    if len(source.shape) != card.spatial_dims:  # the model would fail on the tiles' shape mid-run
+        what = {2: "a 2D image", 3: "a 3D volume"}.get(len(source.shape), f"{len(source.shape)}D")
+        wanted = "volumes" if card.spatial_dims == 3 else "2D images"
+        raise InputError(uri, f"is {what} ({' x '.join(map(str, source.shape[::-1]))}) but model card {card.source} "
+                              f"segments {wanted} (spatial_dims: {card.spatial_dims})")
     bands = resolve_bands(source, card)
     if max(bands) > source.count or min(bands) < 1:
         raise InputError(uri, f"has {source.count} band(s) but model card {card.source} needs bands {list(bands)}")
