@@ -362,12 +362,28 @@ def print_run_report(report: dict, out) -> None:
 
 
 def stats_command(args: argparse.Namespace) -> int:
-    from flows.report import print_query_result
     from pipelines import stats_query
 
     root = str(args.root).rstrip("/")
     stats_root = root if root.endswith("/stats") or root == "stats" else f"{root}/stats"
-    con = stats_query.connect(stats_root)
+    try:
+        return answer_stats(args, stats_query.connect(stats_root), stats_root)
+    except (stats_query.duckdb.Error, InputError) as exc:
+        # DuckDB says a view's stream failed, not which file or what to do: look for the file.
+        cause = exc if isinstance(exc, stats_query.duckdb.Error) else exc.__cause__
+        if isinstance(cause, stats_query.duckdb.Error) and "stream registered as" in str(cause):
+            from pipelines.stats import damaged_file
+
+            damaged = damaged_file(stats_root)
+            if damaged is not None:
+                raise damaged from exc
+        raise
+
+
+def answer_stats(args: argparse.Namespace, con, stats_root: str) -> int:
+    from flows.report import print_query_result
+    from pipelines import stats_query
+
     if args.sql:
         print_query_result(stats_query.sql(con, args.sql), args.format, title=args.sql)
         return 0

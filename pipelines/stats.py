@@ -27,6 +27,7 @@ to this layout without losing a row; a run does it when it starts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -327,7 +328,7 @@ def read_stats(stats_root: str | Path) -> pa.Table:
 def schema_version(path: str) -> int | None:
     """The schema version a Parquet file of the dataset was written with."""
     fs, local = storage.filesystem(path)
-    with fs.open(local, "rb") as handle:
+    with fs.open(local, "rb") as handle, named_if_damaged(path):
         metadata = pq.read_schema(handle).metadata or {}
     value = metadata.get(SCHEMA_VERSION_KEY)
     return int(value) if value is not None else None
@@ -360,7 +361,7 @@ def _remove_empty_folders(folder: str, stop: str) -> None:
 
 def _file_columns(path: str) -> list[str]:
     fs, local = storage.filesystem(path)
-    with fs.open(local, "rb") as handle:
+    with fs.open(local, "rb") as handle, named_if_damaged(path):
         return pq.read_schema(handle).names
 
 
@@ -399,10 +400,39 @@ def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
 def _read_file(path: str) -> pa.Table:
     """A file's rows as the file holds them."""
     fs, local = storage.filesystem(path)
-    with fs.open(local, "rb") as handle:
+    with fs.open(local, "rb") as handle, named_if_damaged(path):
         # The file alone, not pq.read_table's dataset machinery: the same rows in half the time
         # for the small files a night leaves.
         return pq.ParquetFile(handle).read()
+
+
+@contextlib.contextmanager
+def named_if_damaged(path: str):
+    """Arrow's errors for a file that is no Parquet (cut short, overwritten, a failed copy) as an
+    InputError naming the file and what to do, instead of a traceback on every later run.
+    Arrow reports a damaged page as a plain OSError; the storage layer's own errors (a network
+    failure, a missing file, no permission) are of other types and pass through."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as exc:
+        if isinstance(exc, OSError) and type(exc) is not OSError:
+            raise
+        raise InputError(path, f"is not a readable Parquet file ({exc}): a damaged statistics file; restore it "
+                               "from a backup, or move it out of the stats folder (its rows are then left out), "
+                               "and run again") from exc
+
+
+def damaged_file(stats_root: str | Path) -> InputError | None:
+    """The error naming the first file of the dataset that cannot be read, if one cannot: for
+    readers (DuckDB) whose own error does not say which file or what to do."""
+    for name in TABLES:
+        compacted, pending = table_files(stats_root, name)
+        for path in compacted + pending:
+            try:
+                _read_file(path)
+            except InputError as exc:
+                return exc
+    return None
 
 
 def _conformed(table: pa.Table, path: str, schema: pa.Schema) -> pa.Table:

@@ -483,3 +483,39 @@ def test_stats_questions_about_what_is_not_there_name_what_is(generated_root, ca
     assert main(["stats", str(generated_root), *arguments]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and all(word in err[0] for word in words), err
+
+
+@pytest.mark.parametrize("damage", ["cut short", "overwritten inside"])
+def test_a_damaged_statistics_file_is_named_by_stats_report_and_the_next_run(generated_root, tmp_path, capsys, damage):
+    """A run file cut short (a failed copy or sync) or with bytes overwritten inside: every reader
+    says which file and what to do, in one line, instead of a traceback on every later run."""
+    from pipelines.errors import InputError
+    from pipelines.stats import upgrade
+
+    root = tmp_path / "root"
+    shutil.copytree(generated_root, root)
+    damaged = table_files(root / "stats", "image_class")[0][1]
+    data = Path(damaged).read_bytes()
+    if damage == "cut short":
+        Path(damaged).write_bytes(data[:100])
+    else:  # the footer intact, the column chunks not
+        Path(damaged).write_bytes(data[:4] + bytes(len(data) // 2) + data[4 + len(data) // 2:])
+    expected = f"{damaged}: is not a readable Parquet file ("
+    advice = ("): a damaged statistics file; restore it from a backup, or move it out of the stats folder (its rows "
+              "are then left out), and run again")
+
+    for arguments in ([], ["--by", "image"], ["--sql", "SELECT sum(pixel_count) FROM image_class"]):
+        capsys.readouterr()
+        assert main(["stats", str(root), *arguments]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"segpipe: error: {expected}") and line.endswith(advice), line
+    assert main(["stats", str(root), "--sql", "SELECT nonsense FROM image_class"]) == 2  # a wrong query is the query's
+    assert capsys.readouterr().err.strip().startswith("segpipe: error: --sql: Binder Error")
+
+    # The report reads every row; a run's start reads each file's columns (a footer cut off).
+    readers = [lambda: read_table(root / "stats")] + ([lambda: upgrade(root / "stats")] if damage == "cut short" else [])
+    for read in readers:
+        with pytest.raises(InputError) as refused:
+            read()
+        assert str(refused.value).startswith(expected) and str(refused.value).endswith(advice)
+    assert Path(damaged).stat().st_size == (100 if damage == "cut short" else len(data))  # left as it was
