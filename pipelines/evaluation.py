@@ -225,11 +225,8 @@ class open_labels:
         no class id is refused (casting would make a colour, a probability or -1 a class)."""
         if values.dtype == np.uint8 and self.nodata in (None, NODATA):
             return values.astype(np.int64)
-        floating = np.issubdtype(values.dtype, np.floating)
-        labelled = np.isfinite(values) if floating else np.ones(values.shape, dtype=bool)
-        if self.nodata is not None and not np.isnan(self.nodata):
-            labelled &= values != self.nodata
-        if floating:
+        labelled = ~not_labelled(values, self.nodata)
+        if np.issubdtype(values.dtype, np.floating):
             self.refuse(labelled & (values != np.floor(values)), values, origin,
                         "not a whole number: class ids are integers")
         self.refuse(labelled & ((values < 0) | (values > NODATA)), values, origin,
@@ -245,6 +242,15 @@ class open_labels:
         others = int(wrong.sum()) - 1  # in this strip: later strips are not read
         more = f" (and at least {others:,} more)" if others else ""
         raise InputError(self.path, f"holds the value {values[first].item()!r} at {at}{more}: {why}")
+
+
+def not_labelled(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Where a labels file says it has no label: NaN, and its own nodata value (255 means that
+    already). Infinity is a value, and no class id."""
+    unlabelled = np.isnan(values) if np.issubdtype(values.dtype, np.floating) else np.zeros(values.shape, dtype=bool)
+    if nodata is not None and not np.isnan(nodata) and nodata != NODATA:
+        unlabelled |= values == nodata
+    return unlabelled
 
 
 def beside(path: str, name: str) -> str:

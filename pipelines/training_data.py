@@ -202,6 +202,8 @@ class PreparedImage:
 
 def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedImage:
     """Ingest the image (the card's bands) and its labels into Zarr stores under `folder`."""
+    from pipelines.evaluation import not_labelled
+
     source = open_source(pair.image, card)
     bands = resolve_bands(source, card)
     image_store = storage.join(folder, pair.name, "image.zarr")
@@ -228,11 +230,9 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
     for box in block_partition(labels.shape[1:], (block,) * (labels.ndim - 1)):
         values = np.asarray(labels[(0, *box.slices())])
         # The labels file's own nodata (and NaN) is not labelled, as segpipe evaluate reads it.
-        not_labelled = np.isnan(values) if np.issubdtype(values.dtype, np.floating) else np.zeros(values.shape, bool)
-        if unlabelled is not None and not np.isnan(unlabelled) and unlabelled != NOT_LABELLED:
-            not_labelled |= values == unlabelled
-        if not_labelled.any():
-            values = np.where(not_labelled, NOT_LABELLED, values).astype(values.dtype)
+        unlabelled_here = not_labelled(values, unlabelled)
+        if unlabelled_here.any():
+            values = np.where(unlabelled_here, NOT_LABELLED, values).astype(values.dtype)
             labels[(0, *box.slices())] = values
         bad = np.setdiff1d(np.unique(values), [*range(card.num_classes), NOT_LABELLED])
         if bad.size:
