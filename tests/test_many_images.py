@@ -457,7 +457,7 @@ def test_an_image_stopped_by_ctrl_c_keeps_its_finished_blocks_and_resumes_to_the
     their records, the image is neither finished nor marked done, and the next run takes the
     blocks over and writes the bytes of a run never stopped."""
     from flows.manifest import is_done
-    from segworkers.local_pool import LocalPool, WorkStopped
+    from segworkers.local_pool import GROUPS_IN_FLIGHT, LocalPool, WorkStopped
 
     scene_path = write_tiled_scene(tmp_path / "tiled.tif", 640)
     card = write_small_net_card(tmp_path, tile=64)
@@ -479,7 +479,10 @@ def test_an_image_stopped_by_ctrl_c_keeps_its_finished_blocks_and_resumes_to_the
             [outcome] = stages.run_images([image], pool)
     assert isinstance(outcome, WorkStopped)
     kept = len(image.work.block_records())
-    assert 1 <= kept <= 3, "the blocks on the model when it stopped (25 in all)"
+    # At most the groups that had finished when the pool's thread woke (GROUPS_IN_FLIGHT) and
+    # those it started in their slots before handing the first one back (GROUPS_IN_FLIGHT):
+    # with a group per block, 4 of 25 when both slots happened to finish together.
+    assert 1 <= kept <= 2 * GROUPS_IN_FLIGHT, "the blocks on the model when it stopped (25 in all)"
     assert not is_done(str(stopped_root), image.key) and not (stopped_root / image.name).exists()
 
     resumed = {}

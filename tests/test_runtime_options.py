@@ -314,8 +314,9 @@ def test_a_stopped_local_pool_hands_back_the_groups_in_flight_and_starts_no_othe
 
     with pytest.raises(WorkStopped):
         pool.run(jobs, stop_after_the_first)
-    # The first group's end lets the next start before its blocks are handed back (and stop() called).
-    assert 1 <= len(reported) <= GROUPS_IN_FLIGHT + 1 < len(jobs), "the groups in flight, none after"
+    # The groups' ends let the next ones start before their blocks are handed back (and stop()
+    # called): both slots may finish before the pool's thread wakes and refill both.
+    assert 1 <= len(reported) <= 2 * GROUPS_IN_FLIGHT < len(jobs), "the groups in flight, none after"
     assert len(groups_run) == len(reported), "every group started was handed back"
     with pytest.raises(WorkStopped):
         pool.run(jobs, lambda index, result: reported.append(index))
