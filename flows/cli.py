@@ -235,6 +235,13 @@ def segment_command(args: argparse.Namespace) -> int:
         except OSError as exc:  # a full or read-only disk, also from inside a worker
             raise storage_problem(run.out_root, worker_error(exc)) or exc
     summary = result.summary
+    if run.options.regions and len(image.source.shape) == 2:
+        from pipelines.regions import load_regions, outside_raster_note
+
+        regions = load_regions(run.options.regions, run.options.region_id)
+        if outside := outside_raster_note(regions, image.source.crs_wkt, image.source.transform, *image.source.shape):
+            note(outside)
+            image = dataclasses.replace(image, notes=(*image.notes, outside))
     page = write_segment_report(run, image, result, started_at)
     if args.json:
         from flows.stages import image_entry

@@ -156,6 +156,30 @@ def region_class_counts(
     return results
 
 
+def outside_raster_note(
+    regions: RegionSet, raster_crs_wkt: str | None, transform: tuple[float, ...] | None, height: int, width: int
+) -> str | None:
+    """A note when no region of the file overlaps the raster at all (every region's rows count
+    0 pixels): the usual sign of regions in another place or CRS than the user thinks (lat/lon
+    swapped, a GeoJSON in a projected CRS that declares none). None when one overlaps."""
+    geometries = _in_raster_coordinates(regions, raster_crs_wkt)
+    pixel_to_raster = Affine.identity() if transform is None else Affine(*transform[:6])
+    corners = [pixel_to_raster * corner for corner in ((0, 0), (width, 0), (width, height), (0, height))]
+    footprint = shapely.Polygon(corners)
+    finite = [geometry for geometry in geometries if np.isfinite(shapely.bounds(geometry)).all()]
+    if any(shapely.intersects(geometry, footprint) for geometry in finite):
+        return None
+
+    def extent(bounds) -> str:
+        minx, miny, maxx, maxy = bounds
+        return f"x {minx:.6g} to {maxx:.6g}, y {miny:.6g} to {maxy:.6g}"
+
+    where = "in the image's CRS" if raster_crs_wkt else "in pixels"
+    spanned = f"the regions span {extent(shapely.total_bounds(finite))}, " if finite else ""
+    return (f"no region of {regions.source} overlaps the image: {spanned}the image {extent(footprint.bounds)} "
+            f"({where}); every region counts 0 pixels. Check the regions' coordinates and CRS")
+
+
 def _single_layer(path: Path, layer: str | None) -> str | None:
     """The layer to read: the one asked for, or the only one; a file of several needs a name."""
     import pyogrio.errors

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import pyproj
 import pytest
 import rasterio
 
@@ -385,6 +386,36 @@ def test_region_rows_count_the_labels_inside_each_region(ray_cluster, sentinel_s
     by_region = json.loads(stats_cli(capsys, str(out), "--by", "region", "--format", "json"))
     assert {r["region"]: r["pixel_count"] for r in by_region} == {
         "whole": int((labels != 255).sum()), "west": int((labels[:, :120] != 255).sum())}
+
+
+def test_regions_that_miss_the_image_are_counted_as_zero_with_a_note(ray_cluster, sentinel_scene, tmp_path, capsys):
+    """Fields in lon/lat with longitude and latitude swapped (a common slip) lie far from the
+    scene: their rows count 0 pixels, as the file says, and `segment` says in a note (also in
+    --json's notes) that no region overlaps the image, with both extents."""
+    with rasterio.open(sentinel_scene) as dataset:
+        to_lon_lat = pyproj.Transformer.from_crs(dataset.crs, "EPSG:4326", always_xy=True)
+        corners = [to_lon_lat.transform(*(dataset.transform @ corner))
+                   for corner in ((0, 0), (300, 0), (300, 200), (0, 200), (0, 0))]
+    swapped = {"type": "Polygon", "coordinates": [[[lat, lon] for lon, lat in corners]]}
+    regions = tmp_path / "fields.geojson"
+    regions.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"field": "swapped"}, "geometry": swapped}]}))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["segment", str(sentinel_scene), "--model", "s2-cloud", "--out", str(out), "--regions", str(regions),
+                 "--json"]) == 0
+    printed = capsys.readouterr()
+    assert f"no region of {regions} overlaps the image" in printed.err
+    assert any("overlaps the image" in text for text in json.loads(printed.out)["notes"])
+    rows = read_table(out / "stats", "region_class")
+    assert rows.num_rows == 3 and set(rows["pixel_count"].to_pylist()) == {0}
+
+    capsys.readouterr()
+    corners_in_order = {"type": "Polygon", "coordinates": [[list(corner) for corner in corners]]}
+    regions.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"field": "scene"}, "geometry": corners_in_order}]}))
+    segment(sentinel_scene, tmp_path / "out-right", "--regions", str(regions))
+    assert "overlaps the image" not in capsys.readouterr().err
 
 
 def test_a_bad_regions_file_stops_before_any_work(sentinel_scene, tmp_path, capsys):
