@@ -97,6 +97,8 @@ def load_torch_model(card: ModelCard, device: str, threads: int) -> TileModel:
     except InputError:
         raise
     except Exception as exc:  # a weights file the runtime rejects is bad input, not a bug
+        if damaged := damaged_weights_file(Path(card.weights)):
+            raise InputError(card.weights, f"cannot load {card.format} model of card {card.source}: {damaged}") from exc
         raise InputError(card.weights, f"cannot load {card.format} model of card {card.source}: {one_line(exc)}") from exc
     memory_format = channels_last_format(card.spatial_dims) if card.runtime.channels_last else None
     forward = torch_forward(module, device, threads, card.runtime, memory_format)
@@ -438,6 +440,47 @@ def check_answer(card: ModelCard, model: TileModel, tile_field: str = "tile.size
 _CHECKED: set[tuple[str, int]] = set()
 
 
+CUT_SHORT = "the file is cut short or damaged ({}); copy it again"
+
+
+def damaged_weights_file(path: Path) -> str | None:
+    """What is wrong with a weights file its loader rejected, when it is a copy cut short or
+    damaged: a zip archive (torch.save's format, and TorchScript's and torch.export's) without a
+    readable central directory, or a safetensors file shorter than its header says. torch says
+    "OSError: [Errno 22] Invalid argument" or a miniz error, safetensors "incomplete metadata".
+    None when the file looks whole (the loader's own reason stands)."""
+    import json
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            start = file.read(8)
+            if path.suffix == ".safetensors":
+                if len(start) < 8:
+                    return CUT_SHORT.format(f"{size} bytes, less than a safetensors header")
+                header_size = int.from_bytes(start, "little")
+                if 8 + header_size > size:
+                    return CUT_SHORT.format(f"{size} bytes, its header alone says {8 + header_size}")
+                try:
+                    header = json.loads(file.read(header_size))
+                    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                                   default=0)
+                except (ValueError, TypeError, KeyError, IndexError):
+                    return None
+                expected = 8 + header_size + data_end
+                return CUT_SHORT.format(f"{size} bytes of the {expected} its header names") if size < expected else None
+            if not start.startswith(b"PK\x03\x04"):
+                return None
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except zipfile.BadZipFile:
+        return CUT_SHORT.format("a zip archive, as torch saves, without its end")
+    except OSError:
+        return None
+    return f"the file is damaged (the archive member {broken} does not match its checksum); copy it again" if broken else None
+
+
 def one_line(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:500]
@@ -452,13 +495,18 @@ def non_finite_tensors(state: dict) -> list[str]:
 
 
 def load_state_dict_file(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    import torch
+            return load_file(str(path))
+        import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if damaged := damaged_weights_file(path):
+            raise InputError(path, damaged) from exc
+        raise
 
 
 # Card format -> nn.Module from the card's weights (torch formats).

@@ -107,6 +107,28 @@ def test_weights_that_do_not_fit_the_architecture_are_bad_input(unet, tmp_path):
         load_tile_model(card, "cpu", 2)
 
 
+@pytest.mark.parametrize("fmt,suffix", [("registry", ".pt"), ("registry", ".safetensors"), ("torchscript", ".pt")])
+def test_a_weights_file_cut_short_says_so(unet, tmp_path, fmt, suffix):
+    """A checkpoint copied only in part: a zip archive without its end (torch says "[Errno 22]
+    Invalid argument" or a miniz error) or a safetensors file shorter than its header says
+    ("incomplete metadata"). The message says what happened to the file."""
+    whole_path = tmp_path / f"whole{suffix}"
+    options = {"architecture": "unet_padded", "architecture_options": {"base_features": 8, "depth": 2}}
+    if fmt == "torchscript":
+        torch.jit.trace(unet, torch.zeros(1, 4, 64, 64)).save(str(whole_path))
+        options = {}
+    elif suffix == ".safetensors":
+        save_file(unet.state_dict(), str(whole_path))
+    else:
+        torch.save(unet.state_dict(), whole_path)
+    whole = whole_path.read_bytes()
+    for kept in (4, len(whole) // 2, len(whole) - 30):
+        (tmp_path / f"unet{suffix}").write_bytes(whole[:kept])
+        card = card_for(tmp_path, "u-cut", 4, 3, format=fmt, weights=f"unet{suffix}", **options)
+        with pytest.raises(InputError, match=f"unet{suffix}: .*the file is cut short or damaged .* copy it again"):
+            load_tile_model(card, "cpu", 2)
+
+
 def test_models_list_prints_every_architecture_with_its_parameters(capsys):
     assert main(["models", "list", "--classes", "2"]) == 0
     out = capsys.readouterr().out

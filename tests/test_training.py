@@ -353,3 +353,13 @@ def test_fine_tuning_starts_from_the_cards_weights(nuclei_model, nuclei_halves, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"segpipe: error: {poisoned / 'weights.safetensors'}: holds NaN or infinity in 1 tensor(s) ({name}): "
         f"there is nothing to fine-tune from")
+
+    # A card whose weights file was copied only in part says so (before: a traceback of
+    # safetensors' "incomplete metadata").
+    whole = (base / "weights.safetensors").read_bytes()
+    (poisoned / "weights.safetensors").write_bytes(whole[: len(whole) // 3])
+    assert main(["train", *pair, "--fine-tune", str(poisoned / "card.yaml"), "--classes", "background,nucleus",
+                 "--epochs", "1", "--out", str(tmp_path / "from-cut")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"segpipe: error: {poisoned / 'weights.safetensors'}: the file is cut short or damaged ({len(whole) // 3} "
+        f"bytes of the {len(whole)} its header names); copy it again")
