@@ -15,7 +15,7 @@ import contextlib
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -94,29 +94,33 @@ def pairs_to_evaluate(prediction: str, reference: str) -> tuple[list[tuple[str, 
     A labels file against a reference file; or an output root (a folder of image folders, each
     with labels.tif or labels.nii.gz) against a folder of references matched by image name (the
     same name, bare or with a suffix such as _mask; see pipelines.training_data)."""
+    from pipelines import storage
     from pipelines.training_data import label_files_by_stem, matching_label_file
 
-    path = Path(prediction)
-    if path.is_file():
-        if Path(reference).is_dir():
+    if storage.exists(prediction) and not storage.is_folder(prediction):
+        if storage.is_folder(reference):
             raise InputError(reference, f"is a folder; a labels file ({prediction}) is compared with one reference file")
+        path = PurePosixPath(prediction.split("://", 1)[-1])
         name = path.parent.name if path.name.lower().startswith("labels.") else path.name.split(".")[0]
         return [(name, prediction, reference)], []
-    if not path.is_dir():
+    if not storage.is_folder(prediction):
         raise InputError(prediction, "no such labels file or output root")
-    if not Path(reference).is_dir():
+    if not storage.is_folder(reference):
         raise InputError(reference, f"must be a folder of references to compare with the output root {prediction}")
     references = label_files_by_stem(reference)
     pairs, notes = [], []
-    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        labels = next((folder / name for name in LABEL_FILES if (folder / name).is_file()), None)
-        if labels is None:
+    for folder in storage.list_names(prediction):
+        if folder.startswith((".", "_")):
             continue
-        match = matching_label_file(folder.name, references)
+        candidates = (storage.join(prediction, folder, name) for name in LABEL_FILES)
+        labels = next((uri for uri in candidates if storage.exists(uri)), None)
+        if labels is None:  # not an image folder (stats/, runs/) or one without labels
+            continue
+        match = matching_label_file(folder, references)
         if match is None:
-            notes.append(f"{folder.name}: no reference in {reference}, left out")
+            notes.append(f"{folder}: no reference in {reference}, left out")
             continue
-        pairs.append((folder.name, str(labels), match))
+        pairs.append((folder, labels, match))
     if not pairs:
         raise InputError(prediction, f"has no image folder (with {' or '.join(LABEL_FILES)}) whose name matches a "
                                      f"reference in {reference}")

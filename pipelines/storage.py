@@ -124,7 +124,7 @@ def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes
     folder as it was given.
     """
     uri_prefix = str(uri_prefix)
-    if has_glob_characters(uri_prefix) and not _is_folder(uri_prefix):
+    if has_glob_characters(uri_prefix) and not is_folder(uri_prefix):
         return _glob_files(uri_prefix)
     endings = {"file": tuple(s.lower() for s in suffixes), "directory": tuple(s.lower() for s in folder_suffixes)}
     if not is_remote(uri_prefix):
@@ -143,7 +143,7 @@ def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes
     )
 
 
-def _is_folder(uri: str) -> bool:
+def is_folder(uri: str) -> bool:
     """A folder or prefix that exists by that very name: a path such as `scenes[1]` is taken as
     it is, not as a glob pattern."""
     if not is_remote(uri):

@@ -67,7 +67,9 @@ def test_torchscript_and_registry_state_dict(unet, tmp_path):
     for weights in ("unet.safetensors", "unet.pt"):
         card = card_for(tmp_path, "u-reg", 4, 3, format="registry", weights=weights, architecture="unet_padded",
                         architecture_options={"base_features": 8, "depth": 2})
-        np.testing.assert_array_equal(load_tile_model(card, "cpu", 2)(batch), expected)
+        # Not bit for bit: the loaded model runs on 2 threads, the native pass on however many this
+        # thread has after earlier tests (sums in another order: a few ulp).
+        np.testing.assert_allclose(load_tile_model(card, "cpu", 2)(batch), expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(

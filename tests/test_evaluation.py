@@ -3,6 +3,8 @@ nodata value, floating point with NaN, NIfTI volumes stored as floats or with a 
 one; and refuses, naming the file and the first pixel, what holds no class ids (a colour mask,
 fractions, values above 255 or below 0) instead of casting it into classes."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -196,3 +198,45 @@ def test_label_files_on_object_storage_name_their_classes_and_are_evaluated(s3_s
     s3.upload_file(str(organs), bucket, "volumes/organs.nii.gz")
     volume_on_s3 = evaluate(f"s3://{bucket}/volumes/organs.nii.gz", organs)
     assert (volume_on_s3.confusion == evaluate(organs, organs).confusion).all()
+
+
+def test_evaluate_takes_an_output_root_and_references_on_object_storage(s3_server, predicted, tmp_path, capsys):
+    """`segpipe evaluate s3://.../root --reference s3://.../refs --out s3://...`: the image folders
+    of a root on object storage against references there, as for a local root (before: 'no such
+    labels file or output root' for anything on s3://)."""
+    import io
+
+    import boto3
+    import pyarrow.parquet as pq
+
+    labels, reference = predicted
+    bucket = "segpipe-evaluated-root"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    local_root, local_refs = tmp_path / "root", tmp_path / "refs"
+    (local_root / "sentinel2_scene").mkdir(parents=True)
+    (local_root / "stats").mkdir()
+    local_refs.mkdir()
+    for name in ("labels.tif", "labels.tif.aux.xml"):
+        (local_root / "sentinel2_scene" / name).write_bytes((labels.parent / name).read_bytes())
+        s3.upload_file(str(labels.parent / name), bucket, f"root/sentinel2_scene/{name}")
+    (local_root / "stats" / "x.parquet").write_bytes(b"not labels")
+    s3.upload_file(str(local_root / "stats" / "x.parquet"), bucket, "root/stats/x.parquet")
+    mask = write_like(labels, local_refs / "sentinel2_scene_mask.tif", reference.astype(np.uint8))
+    s3.upload_file(str(mask), bucket, "refs/sentinel2_scene_mask.tif")
+
+    def evaluated(*arguments: str) -> list:
+        capsys.readouterr()
+        assert main(["evaluate", *arguments, "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    here = evaluated(str(local_root), "--reference", str(local_refs))
+    there = evaluated(f"s3://{bucket}/root", "--reference", f"s3://{bucket}/refs", "--out", f"s3://{bucket}/scores")
+    assert there == here and len(here) > 0
+    written = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key="scores/evaluation.parquet")["Body"].read()))
+    assert set(written["image"].to_pylist()) == {"sentinel2_scene"}
+    one_file = evaluated(f"s3://{bucket}/root/sentinel2_scene/labels.tif", "--reference", str(mask))
+    assert one_file == here
+    capsys.readouterr()
+    assert main(["evaluate", f"s3://{bucket}/nothing-here", "--reference", str(local_refs)]) == 2
+    assert "nothing-here: no such labels file or output root" in capsys.readouterr().err

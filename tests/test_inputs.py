@@ -316,6 +316,49 @@ def test_a_nodata_value_the_file_does_not_declare(ray_cluster, sentinel_scene, t
         np.testing.assert_array_equal(labels.read(1)[20:], expected.read(1)[20:])
 
 
+def test_a_scene_declaring_the_sentinel2_offset_is_read_in_the_cards_units(segmented_scene, sentinel_scene, tmp_path,
+                                                                             capsys):
+    """Sentinel-2 products of processing baseline 04.00 (since 2022) hold DN + 1000, and files that
+    say so declare scale 0.0001 and offset -0.1 (reflectance = DN x scale + offset). Before, the
+    file's scale and the card's (0.0001: raw DN to reflectance) were both applied: the model saw
+    values 10,000 times too small. Now such a file gives the labels of the same reflectance stored
+    the old way (DN, no offset), byte for byte; the same DN + 1000 without the tags does not (the
+    offset matters); and a scale the card does not share is refused."""
+    with rasterio.open(sentinel_scene) as src:
+        profile, pixels = src.profile, src.read()
+    shifted = np.where(pixels == 0, 0, pixels + 1000).astype(np.uint16)  # nodata 0 stays
+
+    def scene(name: str, scale: float | None, offset: float | None) -> Path:
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(shifted)
+            if scale is not None:
+                dst.scales, dst.offsets = (scale,) * dst.count, (offset,) * dst.count
+        return path
+
+    def labels_of(root: Path, name: str) -> np.ndarray:
+        with rasterio.open(root / name / "labels.tif") as labels:
+            return labels.read(1)
+
+    expected = labels_of(segmented_scene, "sentinel2_scene")
+    capsys.readouterr()
+    assert main(["segment", str(scene("baseline4", 0.0001, -0.1)), "--model", "s2-cloud", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert "declares scale 0.0001 and offset -0.1 for the card's bands: read as raw value - 1000" in capsys.readouterr().err
+    np.testing.assert_array_equal(labels_of(tmp_path / "out", "baseline4"), expected)
+
+    assert main(["segment", str(scene("untagged", None, None)), "--model", "s2-cloud", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert (labels_of(tmp_path / "out", "untagged") != expected).sum() > 100, "the offset changes the answer"
+
+    landsat = scene("landsat", 0.0000275, -0.2)
+    capsys.readouterr()
+    assert main(["segment", str(landsat), "--model", "s2-cloud", "--out", str(tmp_path / "out")]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.startswith(f"segpipe: error: {landsat}: declares scale 2.75e-05 and offset -0.2 for the bands "
+                              f"model card ") and "scales raw values by 0.0001 itself" in refused
+
+
 # --- 4D NIfTI --------------------------------------------------------------------------------------
 
 def test_a_4d_nifti_says_which_channel_a_one_band_card_reads(ray_cluster, tmp_path, capsys):
@@ -335,14 +378,19 @@ def test_a_4d_nifti_says_which_channel_a_one_band_card_reads(ray_cluster, tmp_pa
 
 # --- STAC --------------------------------------------------------------------------------------
 
-def stac_catalogue(scene: Path, folder: Path, coarse: tuple[str, ...] = (), missing: str | None = None) -> Path:
+def stac_catalogue(scene: Path, folder: Path, coarse: tuple[str, ...] = (), missing: str | None = None,
+                   offset_tagged: bool = False) -> Path:
     """A static STAC catalogue (pystac) of one item: the scene's six bands as separate COGs,
-    `coarse` ones at 20 m (every other pixel), the band `missing` deleted after writing."""
+    `coarse` ones at 20 m (every other pixel), the band `missing` deleted after writing. With
+    `offset_tagged`, the bands hold DN + 1000 and declare scale 0.0001 and offset -0.1, as
+    Sentinel-2 COGs of processing baseline 04.00 and later do."""
     import pystac
     from affine import Affine
 
     with rasterio.open(scene) as src:
         profile, pixels = src.profile, src.read()
+    if offset_tagged:
+        pixels = np.where(pixels == profile["nodata"], pixels, pixels + 1000).astype(pixels.dtype)
     item = pystac.Item(id="S2_scene", geometry=None, bbox=None, datetime=dt.datetime(2026, 11, 1),
                        properties={"processing:level": "L1C"})
     for index, name in enumerate(BANDS):
@@ -357,6 +405,8 @@ def stac_catalogue(scene: Path, folder: Path, coarse: tuple[str, ...] = (), miss
         path.parent.mkdir(parents=True, exist_ok=True)
         with rasterio.open(path, "w", **band_profile) as dst:
             dst.write(band)
+            if offset_tagged:
+                dst.scales, dst.offsets = (0.0001,), (-0.1,)
         common = {"swir1": "swir16", "swir2": "swir22"}.get(name, name)
         item.add_asset(name, pystac.Asset(href=str(path), media_type=pystac.MediaType.COG, roles=["data"],
                                           extra_fields={"eo:bands": [{"name": name, "common_name": common}]}))
@@ -394,6 +444,29 @@ def test_a_stac_catalogue_is_segmented_like_the_scene_it_was_made_of(ray_cluster
     with rasterio.open(tmp_path / "search" / "S2_scene" / "labels.tif") as c, \
             rasterio.open(tmp_path / "scene" / "sentinel2_scene" / "labels.tif") as a:
         np.testing.assert_array_equal(a.read(1), c.read(1))
+
+
+def test_stac_assets_declaring_the_sentinel2_offset_are_read_like_the_scene(ray_cluster, sentinel_scene, tmp_path,
+                                                                            capsys):
+    """COGs of DN + 1000 that declare scale 0.0001 and offset -0.1 give, through a STAC item, the labels of the scene stored without the offset, one
+    band of them at 20 m included (its nodata stays nodata once scaled)."""
+    with rasterio.open(sentinel_scene) as src:
+        profile, pixels = src.profile, src.read()
+    pixels[:, :30, :40] = profile["nodata"]  # a corner without data
+    holed = tmp_path / "holed.tif"
+    with rasterio.open(holed, "w", **profile) as dst:
+        dst.write(pixels)
+    catalogue = stac_catalogue(holed, tmp_path / "stac", coarse=("swir2",), offset_tagged=True)
+    plain = stac_catalogue(holed, tmp_path / "plain", coarse=("swir2",))
+    capsys.readouterr()
+    assert main(["segment", str(catalogue), "--model", "s2-cloud-l1c", "--out", str(tmp_path / "tagged")]) == 0
+    assert "read as raw value - 1000" in capsys.readouterr().err
+    assert main(["segment", str(plain), "--model", "s2-cloud-l1c", "--out", str(tmp_path / "plain-out")]) == 0
+    with rasterio.open(tmp_path / "tagged" / "S2_scene" / "labels.tif") as a, \
+            rasterio.open(tmp_path / "plain-out" / "S2_scene" / "labels.tif") as b:
+        tagged, expected = a.read(1), b.read(1)
+    np.testing.assert_array_equal(tagged, expected)
+    assert (expected[:30, :40] == 255).all() and (expected != 255).sum() == 200 * 300 - 30 * 40
 
 
 def test_stac_assets_at_another_resolution_are_resampled_and_missing_ones_fail_alone(

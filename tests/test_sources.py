@@ -2,6 +2,8 @@
 mm³, a real whole-slide image to OME-Zarr labels with µm², tissue detection skipping glass."""
 
 
+import dataclasses
+
 import nibabel as nib
 import rasterio
 import numpy as np
@@ -10,6 +12,7 @@ import yaml
 import zarr
 
 from flows.cli import main
+from pipelines.errors import InputError
 from pipelines.sources.slide import choose_level, inspect_slide, working_shape
 from pipelines.stats import read_stats
 from pipelines.tiling import Box
@@ -181,8 +184,12 @@ def test_scale_and_offset_are_applied(sentinel_scene, tmp_path):
         dst.write(pixels)
         dst.scales = [0.5] * 6
         dst.offsets = [10.0] * 6
-    info = open_source(path, load_card("s2-cloud"))
+    # A card of scale 1 takes the file's values: raw x scale + offset.
+    info = open_source(path, dataclasses.replace(load_card("s2-cloud"), scale=1.0))
     region = info.read((1, 4), Box((0, 0), (200, 300)))
     assert info.dtype == "float32" and np.isnan(info.nodata)
     valid = ~np.all(pixels == 0, axis=0)
     np.testing.assert_allclose(region[:, valid], pixels[[0, 3]][:, valid] * 0.5 + 10.0)
+    # A card that scales raw values by another factor would apply a second scale: refused.
+    with pytest.raises(InputError, match="declares scale 0.5 and offset 10 for the bands model card"):
+        open_source(path, load_card("s2-cloud"))

@@ -6,7 +6,9 @@ thread opens its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 import re
 import threading
@@ -167,7 +169,7 @@ def read_window(info: RasterInfo, bands: tuple[int, ...], box: Box) -> np.ndarra
         stat = os.stat(info.uri)
     except OSError:  # gone or unreadable: decoding says so in its words
         return decode_window(info, bands, box)
-    key = (info.uri, tuple(bands), stat.st_size, stat.st_mtime_ns, info.pixel_nodata, info.scaled)
+    key = (info.uri, tuple(bands), stat.st_size, stat.st_mtime_ns, info.pixel_nodata, info.scales, info.offsets)
     pixels = WHOLE_READS.get(key)
     if pixels is None:
         pixels = decode_window(info, bands, box)
@@ -242,8 +244,13 @@ def decode_window(info: RasterInfo, bands: tuple[int, ...], box: Box) -> np.ndar
 @dataclass(frozen=True)
 class SceneSource(Source):
     info: RasterInfo
+    units_note: str | None = None
+    """How the file's own scale and offset meet the card's (in_card_units), when they do."""
     kind = "scene"
     labels_output = "labels-cog"
+
+    def notes(self) -> list[str]:
+        return super().notes() + ([self.units_note] if self.units_note else [])
 
     @property
     def uri(self) -> str:
@@ -302,7 +309,59 @@ class SceneSource(Source):
 
 
 def open_scene(uri: str, card: ModelCard) -> SceneSource:
-    return SceneSource(inspect_raster(uri))
+    from pipelines.sources import resolve_bands
+
+    info = inspect_raster(uri)
+    bands = resolve_bands(SceneSource(info), card) if info.scaled else ()
+    info, units = in_card_units(info, bands, card)
+    return SceneSource(info, units_note=units)
+
+
+def in_card_units(info: RasterInfo, bands: tuple[int, ...], card: ModelCard) -> tuple[RasterInfo, str | None]:
+    """The scene read in the units card_units chooses for the card's bands, and its note."""
+    if not bands:
+        return info, None
+    scales = [info.scales[band - 1] if info.scales else 1.0 for band in bands]
+    offsets = [info.offsets[band - 1] if info.offsets else 0.0 for band in bands]
+    applied, note = card_units(info.uri, scales, offsets, card)
+    if note is None:
+        return info, None
+    by_band = dict(zip(bands, applied))
+    new_scales = tuple(by_band[index + 1][0] if index + 1 in by_band else value for index, value in enumerate(info.scales))
+    new_offsets = tuple(by_band[index + 1][1] if index + 1 in by_band else value for index, value in enumerate(info.offsets))
+    return dataclasses.replace(info, scales=new_scales, offsets=new_offsets), note
+
+
+def card_units(uri: str, scales: list[float], offsets: list[float], card: ModelCard
+               ) -> tuple[list[tuple[float, float]], str | None]:
+    """The (scale, offset) to apply to the raw values of each of the card's bands, given the
+    file's own (GDAL's band scale and offset: a GeoTIFF's tags, a netCDF's scale_factor and
+    add_offset) and the card's input.scale; and a note when they were changed.
+
+    A file declaring scale 0.0001 and offset -0.1 holds reflectance as DN x 0.0001 - 0.1 (the
+    Sentinel-2 offset of processing baseline 04.00, as EOPF's products and GDAL carry it), and a card of `input.scale: 0.0001` turns raw DN into reflectance
+    too: applying both gave the model values 10,000 times too small. When the card's scale is the
+    file's, the bands are read in the card's units (raw values plus the offset over the scale:
+    DN - 1000), so that the card's scale gives the file's reflectance, offset included. A card of
+    scale 1 takes the file's values as they are (scale and offset applied), and so does any card
+    for a file of scale 1 (an offset in raw units). Any other pair is refused: nothing says which
+    of the two scales the model was trained on."""
+    declared = list(zip(scales, offsets))
+    if all(scale == 1 for scale in scales) or card.scale == 1:  # an offset in raw units, or physical values wanted
+        return declared, None
+    described = ", ".join(sorted({f"scale {scale:g} and offset {offset:g}" for scale, offset in declared}))
+    if not all(math.isclose(scale, card.scale, rel_tol=1e-6) for scale in scales):
+        raise InputError(uri, f"declares {described} for the bands model card {card.source} reads (its values are "
+                              f"raw x scale + offset), but the card scales raw values by {card.scale:g} itself: "
+                              f"both applied, the model would see values of another range than it was trained "
+                              f"on. Use a card of input.scale 1 for the file's values, or of input.scale equal "
+                              f"to the file's scale")
+    shifts = [offset / scale for scale, offset in declared]
+    taken = "read as " + ("; ".join(f"raw value {'-' if shift < 0 else '+'} {abs(shift):g}"
+                                    for shift in sorted({shift for shift in shifts if shift})) or "raw values")
+    note = (f"{uri} declares {described} for the card's bands: {taken} so that the card's input.scale "
+            f"{card.scale:g} gives the file's values, offset included")
+    return [(1.0, shift) for shift in shifts], note
 
 
 def georeferenced(uri: str) -> bool:

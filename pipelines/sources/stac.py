@@ -38,7 +38,7 @@ from pipelines.areas import PixelAreas, pixel_areas
 from pipelines.errors import InputError
 from pipelines.model_card import ModelCard, processing_level
 from pipelines.sources import Source, SourceKind
-from pipelines.sources.scene import GDAL_OPTIONS
+from pipelines.sources.scene import GDAL_OPTIONS, card_units
 from pipelines.storage import rasterio_env
 from pipelines.tiling import Box
 
@@ -181,6 +181,10 @@ class AssetBand:
     href: str
     band: int
     name: str
+    scale: float = 1.0
+    offset: float = 0.0
+    """Applied to the raw values read (pipelines.sources.scene.card_units: from the asset file's own
+    scale and offset, not the item's raster:bands)."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +200,15 @@ class StacItemSource(Source):
     pixel_dtype: str
     pixel_nodata: float | None
     level: str | None = None
+    units_note: str | None = None
+    """How the assets' own scale and offset meet the card's, when they do (scene.card_units)."""
+    raw_nodata: float | None = None
+    """The assets' nodata value as stored, where their values are read scaled (pixel_nodata is NaN then)."""
     kind = "stac"
     labels_output = "labels-cog"
+
+    def notes(self) -> list[str]:
+        return super().notes() + ([self.units_note] if self.units_note else [])
 
     @property
     def stem(self) -> str:
@@ -252,6 +263,11 @@ class StacItemSource(Source):
             except RasterioError as exc:
                 raise InputError(band.href, f"cannot read band {band.name!r} of STAC item {self.item_id} "
                                             f"({exc})") from exc
+            if (band.scale, band.offset) != (1.0, 0.0):
+                raw = planes[-1]
+                planes[-1] = raw.astype(np.float32) * np.float32(band.scale) + np.float32(band.offset)
+                if self.raw_nodata is not None:
+                    planes[-1][raw == self.raw_nodata] = np.nan
         return np.stack(planes).astype(self.dtype, copy=False)
 
     def pixel_areas(self) -> PixelAreas:
@@ -263,7 +279,7 @@ def open_stac(uri: str, card: ModelCard) -> StacItemSource:
     names = [b for b in card.bands if isinstance(b, str)] or list(card.band_names)
     found = band_assets(item, base, names)
     reference = found[0][0]
-    grid, dtypes = None, []
+    grid, dtypes, declared = None, [], []
     for href, band, name in found:
         if not storage.exists(href):
             raise InputError(href, f"no such file: the asset of band {name!r} of STAC item {item.get('id')}")
@@ -275,6 +291,7 @@ def open_stac(uri: str, card: ModelCard) -> StacItemSource:
                     raise InputError(href, f"has {src.count} band(s), STAC item {item.get('id')} says band {band} "
                                            f"is {name!r}")
                 dtypes.append(src.dtypes[band - 1])
+                declared.append((src.scales[band - 1], src.offsets[band - 1]))
                 if href == reference:
                     grid = ((src.height, src.width), src.crs.to_wkt(), tuple(src.transform)[:6], src.nodata)
         except RasterioError as exc:
@@ -283,8 +300,13 @@ def open_stac(uri: str, card: ModelCard) -> StacItemSource:
     shape, crs_wkt, transform, nodata = grid
     properties = item.get("properties", {})
     level = properties.get("processing:level") or _level_from_product_type(properties.get("s2:product_type"))
-    return StacItemSource(uri, str(item.get("id")), tuple(AssetBand(*f) for f in found), shape, crs_wkt, transform,
-                          str(np.result_type(*dtypes)), nodata, processing_level(level))
+    applied, units = card_units(uri, [scale for scale, _ in declared], [offset for _, offset in declared], card)
+    bands = tuple(AssetBand(*f, *units_of) for f, units_of in zip(found, applied))
+    if any((band.scale, band.offset) != (1.0, 0.0) for band in bands):  # float32, nodata as NaN (as scenes)
+        return StacItemSource(uri, str(item.get("id")), bands, shape, crs_wkt, transform, "float32",
+                              None if nodata is None else float("nan"), processing_level(level), units, nodata)
+    return StacItemSource(uri, str(item.get("id")), bands, shape, crs_wkt, transform,
+                          str(np.result_type(*dtypes)), nodata, processing_level(level), units)
 
 
 def item_stem(uri: str) -> str:
