@@ -343,6 +343,10 @@ def collection_paused() -> Iterator[None]:
 
 def run_command(args: argparse.Namespace, run_night) -> int:
     report = run_night(args.archive, args.model, args.out, options_from_args(args))
+    if not (report["done"] or report["skipped"] or report["failed"]):  # nothing found at all
+        from pipelines.sources import nothing_found_note
+
+        note(nothing_found_note(args.archive))
     if args.json:
         print(json.dumps(report, default=str))
     else:

@@ -300,6 +300,22 @@ def list_names(uri: str | Path) -> list[str]:
         return []
 
 
+def subfolders(uri: str | Path) -> list[str]:
+    """The names of the folders (prefixes) directly inside a folder or prefix, sorted, but not
+    stores read as images (.zarr)."""
+    if not is_remote(uri):
+        folder = _local_path(str(uri))
+        names = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    else:
+        fs, path = filesystem(uri)
+        try:
+            names = [entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                     for entry in fs.ls(path.rstrip("/"), detail=True) if entry["type"] == "directory"]
+        except FileNotFoundError:
+            names = []
+    return sorted(name for name in names if not name.lower().endswith(".zarr"))
+
+
 def list_files(uri: str | Path) -> list[str]:
     """Every file under a folder or prefix, as paths relative to it ('/'-separated), sorted."""
     if not is_remote(uri):

@@ -475,6 +475,25 @@ def test_a_root_and_an_archive_with_glob_characters_are_taken_as_they_are(ray_cl
     assert sum(row["pixel_count"] for row in rows) > 0
 
 
+def test_an_archive_with_images_only_in_subfolders_says_how_to_name_them(ray_cluster, prefect_server, sentinel_scene,
+                                                                         tmp_path, capsys):
+    """Discovery lists the folder itself, not its subfolders: a night over archive/ whose images
+    are in archive/2026-12-01/ found nothing and said only '0 done, 0 skipped, 0 failed'. It now
+    notes the subfolders and the pattern that names their images, which then finds them."""
+    archive = tmp_path / "archive"
+    write_crop(sentinel_scene, archive / "2026-12-01" / "crop.tif")
+    (archive / "2026-12-02").mkdir()
+    capsys.readouterr()
+    assert main(["run", str(archive), "--model", "s2-cloud", "--out", str(tmp_path / "root")]) == 0
+    printed = capsys.readouterr()
+    assert "0 done, 0 skipped (already done), 0 failed" in printed.out
+    assert (f"note: {archive} holds no image segpipe reads in the folder itself" in printed.err
+            and "only 2 subfolder(s) (2026-12-01, 2026-12-02), which are not looked into" in printed.err
+            and f"'{archive}/**/*.tif'" in printed.err)
+    assert main(["run", str(archive / "*.png"), "--model", "s2-cloud", "--out", str(tmp_path / "root")]) == 0
+    assert f"note: the pattern {archive / '*.png'} matches no file" in capsys.readouterr().err
+
+
 # --- 9. leftovers ----------------------------------------------------------------------------------
 
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")

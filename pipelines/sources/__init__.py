@@ -243,6 +243,24 @@ def list_archive(archive: str | Path) -> list[str]:
     return stac.items_among(storage.list_images(archive, ARCHIVE_SUFFIXES, ARCHIVE_FOLDER_SUFFIXES))
 
 
+def nothing_found_note(archive: str | Path) -> str:
+    """Why an archive gave no image, for a run that found none: the folder is listed in itself
+    only (not recursively), by suffix; a pattern matched nothing; a STAC document lists no item."""
+    archive = str(archive)
+    if stac.is_stac(archive):
+        return f"{archive} lists no STAC item"
+    if storage.has_glob_characters(archive) and not storage.is_folder(archive):
+        return f"the pattern {archive} matches no file"
+    readable = ", ".join((*ARCHIVE_SUFFIXES, *ARCHIVE_FOLDER_SUFFIXES))
+    folders = storage.subfolders(archive)
+    if not folders:
+        return f"{archive} holds no image segpipe reads (it lists {readable} files in the folder)"
+    shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+    return (f"{archive} holds no image segpipe reads in the folder itself ({readable}), only {len(folders)} "
+            f"subfolder(s) ({shown}), which are not looked into: name their images with a pattern, such as "
+            f"'{storage.join(archive, '**', '*.tif')}'")
+
+
 def source_identity(uri: str) -> dict:
     """What makes an image the same image tomorrow, for its manifest key: its URI, size and
     modification time or ETag (a Zarr store's by its root metadata document; a STAC item's by
