@@ -102,13 +102,16 @@ def test_bands_chosen_by_name_match_the_same_bands_by_index(ray_cluster, sentine
     )
 
 
-def test_a_zarr_array_is_segmented_in_place(ray_cluster, sentinel_scene, segmented_scene, tmp_path, capsys):
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_a_zarr_array_is_segmented_in_place(ray_cluster, sentinel_scene, segmented_scene, tmp_path, capsys,
+                                            zarr_format):
     """The scene's six bands as a plain (channel, y, x) Zarr array: read where it is, not
-    ingested, same labels as the GeoTIFF run."""
+    ingested, same labels as the GeoTIFF run. Zarr v2 stores too (before: 'scene.zarr/zarr.json:
+    no such file')."""
     with rasterio.open(sentinel_scene) as src:
         pixels = src.read()
     source = tmp_path / "scene.zarr"
-    zarr.create_array(str(source), data=pixels, chunks=(6, 64, 64))
+    zarr.create_array(str(source), data=pixels, chunks=(6, 64, 64), zarr_format=zarr_format)
     before = sorted(p.name for p in source.rglob("*"))
     capsys.readouterr()
     assert main(["segment", str(source), "--model", "s2-cloud", "--out", str(tmp_path / "out")]) == 0
@@ -124,7 +127,11 @@ def test_a_zarr_array_is_segmented_in_place(ray_cluster, sentinel_scene, segment
     assert read_stats(tmp_path / "out" / "stats").to_pylist()[0]["area_unit"] == "px"
 
 
-def test_an_ome_zarr_image_gives_labels_in_its_units(ray_cluster, tmp_path):
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_an_ome_zarr_image_gives_labels_in_its_units(ray_cluster, tmp_path, version):
+    """OME-Zarr 0.5 (Zarr v3) and 0.4 (Zarr v2, what most tools write today: before, it failed
+    with 'zarr.json: no such file')."""
+    from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import write_image
 
     from training import nuclei_halves
@@ -132,15 +139,20 @@ def test_an_ome_zarr_image_gives_labels_in_its_units(ray_cluster, tmp_path):
     x, _, _, _ = nuclei_halves()
     image = (x[0].numpy() * 200 + 20).clip(0, 255).astype(np.uint8)  # (1, 512, 256)
     root = tmp_path / "nuclei.ome.zarr"
-    group = zarr.open_group(str(root), mode="w")
-    write_image(image, group, axes="cyx")
-    ome = group.attrs["ome"]  # the image was taken at 0.5 µm per pixel
+    group = zarr.open_group(str(root), mode="w", zarr_format=3 if version == "0.5" else 2)
+    write_image(image, group, axes="cyx", fmt=FormatV05() if version == "0.5" else FormatV04())
+    attrs = group.attrs.asdict()
+    ome = attrs["ome"] if version == "0.5" else attrs  # the image was taken at 0.5 µm per pixel
+    assert ome["multiscales"][0].get("version", version) == version
     for axis in ome["multiscales"][0]["axes"][1:]:
         axis["unit"] = "micrometer"
     for dataset in ome["multiscales"][0]["datasets"]:
         scale = dataset["coordinateTransformations"][0]["scale"]
         scale[1:] = [s * 0.5 for s in scale[1:]]
-    group.attrs["ome"] = ome
+    if version == "0.5":
+        group.attrs["ome"] = ome
+    else:
+        group.attrs["multiscales"] = ome["multiscales"]
     card = torchscript_card(tmp_path, conv_net(2, 1, 2), 2, 1, 2, tile=64)
     assert main(["segment", str(root), "--model", str(card), "--out", str(tmp_path / "out")]) == 0
     labels = zarr.open_group(str(tmp_path / "out" / "nuclei" / "labels.ome.zarr" / "labels" / "net"))

@@ -261,6 +261,21 @@ def nothing_found_note(archive: str | Path) -> str:
             f"'{storage.join(archive, '**', '*.tif')}'")
 
 
+# A Zarr store's metadata document: Zarr v3's, or v2's (an OME-Zarr 0.4 image keeps its
+# multiscales in .zattrs; a plain array has .zarray; a group always has .zgroup).
+ZARR_METADATA_DOCUMENTS = ("zarr.json", ".zattrs", ".zarray", ".zgroup")
+
+
+def zarr_metadata_document(uri: str) -> str:
+    for name in ZARR_METADATA_DOCUMENTS:
+        document = storage.join(uri, name)
+        if storage.exists(document):
+            return document
+    if not storage.exists(uri):
+        raise InputError(uri, "no such file or Zarr store")
+    raise InputError(uri, "is not a Zarr store: it has no zarr.json (Zarr v3), .zarray or .zgroup (Zarr v2)")
+
+
 def source_identity(uri: str) -> dict:
     """What makes an image the same image tomorrow, for its manifest key: its URI, size and
     modification time or ETag (a Zarr store's by its root metadata document; a STAC item's by
@@ -268,5 +283,5 @@ def source_identity(uri: str) -> dict:
     if stac.is_stac(uri):
         return stac.stac_identity(uri)
     uri = uri.rstrip("/")
-    size, version = storage.stat(f"{uri}/zarr.json" if uri.endswith(".zarr") else uri)
+    size, version = storage.stat(zarr_metadata_document(uri) if uri.endswith(".zarr") else uri)
     return {"uri": uri if storage.is_remote(uri) else str(Path(uri).resolve()), "size": size, "version": version}
