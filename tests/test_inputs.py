@@ -359,6 +359,39 @@ def test_a_scene_declaring_the_sentinel2_offset_is_read_in_the_cards_units(segme
                               f"model card ") and "scales raw values by 0.0001 itself" in refused
 
 
+def test_a_virtual_raster_stacking_band_files_is_an_image_of_the_archive(ray_cluster, prefect_server, sentinel_scene,
+                                                                         segmented_scene, tmp_path):
+    """Bands kept in files of their own are stacked with `gdalbuildvrt -separate` into a .vrt:
+    an archive of such stacks was listed as empty (only GeoTIFFs and the like were listed). The
+    stack is a scene like the GeoTIFF it stands for: the same labels."""
+    with rasterio.open(sentinel_scene) as src:
+        profile, pixels = src.profile, src.read()
+    bands = tmp_path / "bands"
+    bands.mkdir()
+    for index, name in enumerate(BANDS):
+        with rasterio.open(bands / f"{name}.tif", "w", **dict(profile, count=1)) as dst:
+            dst.write(pixels[index : index + 1])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    height, width = pixels.shape[1:]
+    # What `gdalbuildvrt -separate` writes: one band per file, each its file's band 1.
+    band_elements = "".join(
+        f'<VRTRasterBand dataType="UInt16" band="{index + 1}"><NoDataValue>0</NoDataValue><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">../bands/{name}.tif</SourceFilename><SourceBand>1</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+        f'<DstRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/></SimpleSource></VRTRasterBand>'
+        for index, name in enumerate(BANDS))
+    (archive / "stack.vrt").write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{profile["crs"].to_wkt()}</SRS>'
+        f'<GeoTransform>{", ".join(map(repr, profile["transform"].to_gdal()))}</GeoTransform>'
+        f"{band_elements}</VRTDataset>")
+    report = run_night(str(archive), "s2-cloud", str(tmp_path / "out"))
+    assert report["done"] == ["stack"] and report["failed"] == {}
+    with rasterio.open(tmp_path / "out" / "stack" / "labels.tif") as labels, \
+            rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as expected:
+        np.testing.assert_array_equal(labels.read(1), expected.read(1))
+
+
 # --- 4D NIfTI --------------------------------------------------------------------------------------
 
 def test_a_4d_nifti_says_which_channel_a_one_band_card_reads(ray_cluster, tmp_path, capsys):

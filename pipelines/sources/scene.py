@@ -373,4 +373,6 @@ def georeferenced(uri: str) -> bool:
         return False
 
 
-KIND = SourceKind("scene", open_scene, suffixes=(".tif", ".tiff"), recognises=georeferenced)
+# .vrt: GDAL's virtual rasters, the usual way to stack bands kept in files of their own (Sentinel-2's
+# JPEG 2000 bands: gdalbuildvrt -separate), listed in archives with the GeoTIFFs.
+KIND = SourceKind("scene", open_scene, suffixes=(".tif", ".tiff", ".vrt"), recognises=georeferenced)
