@@ -95,6 +95,24 @@ def test_pyramid_level_and_tiff_resolution(slide, level0, tmp_path):
     np.testing.assert_array_equal(pixels, coarse[333:600, 251:700].transpose(2, 0, 1))
 
 
+@pytest.mark.parametrize("unit,size", [("µm", 0.25), ("nm", 250.0)])
+def test_a_pyramidal_ome_tiff_gives_its_pixel_size_from_the_ome_metadata(slide, level0, tmp_path, unit, size):
+    """QuPath and bfconvert write pyramids as OME-TIFF (sub-IFDs) whose pixel size is in the
+    OME-XML only (PhysicalSizeX/Y): before, 'has no microns-per-pixel metadata' for any card
+    with input.mpp."""
+    coarse = level0[:2966, :2220].reshape(1483, 2, 1110, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+    path = tmp_path / "exported.ome.tif"
+    metadata = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit,
+                "PhysicalSizeY": size, "PhysicalSizeYUnit": unit}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(level0, tile=(256, 256), photometric="rgb", subifds=1, metadata=metadata)
+        tif.write(coarse, tile=(256, 256), photometric="rgb", subfiletype=1)
+    info = inspect_slide(path)
+    assert info.level_dimensions == ((2220, 2967), (1110, 1483))
+    assert info.mpp_x == pytest.approx(0.25) and info.mpp_y == pytest.approx(0.25)
+    assert choose_level(info, 0.5) == (1, 1.0)
+
+
 def test_missing_mpp_is_an_input_error(level0, tmp_path):
     path = tmp_path / "no_resolution.tif"
     tifffile.imwrite(path, level0, tile=(240, 240), photometric="rgb")

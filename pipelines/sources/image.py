@@ -90,7 +90,7 @@ def _inspect_tiff(path: str) -> ImageInfo:
                 raise StackError(path, f"is a stack ({axes} {shape}): a 2D card reads one plane; a 3D card "
                                        "(spatial_dims: 3) reads it as a volume")
             channels = math.prod(n for a, n in zip(axes, shape) if a in CHANNEL_AXES)
-            names, size = _ome_channels_and_size(tif) if tif.is_ome else ((), None)
+            names, size = ome_channels_and_size(tif) if tif.is_ome else ((), None)
             size = size or _resolution_tags_um(tif.pages[0])
             return ImageInfo(path, (shape[axes.index("Y")], shape[axes.index("X")]), channels, str(series.dtype),
                              "tifffile", names if len(names) == channels else (None,) * channels, size, axes)
@@ -102,7 +102,7 @@ def _inspect_tiff(path: str) -> ImageInfo:
         raise InputError(path, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
 
 
-def _ome_channels_and_size(tif: tifffile.TiffFile) -> tuple[tuple[str | None, ...], tuple[float, float] | None]:
+def ome_channels_and_size(tif: tifffile.TiffFile) -> tuple[tuple[str | None, ...], tuple[float, float] | None]:
     """Channel names and (y, x) µm per pixel of the first OME image."""
     root = ElementTree.fromstring(tif.ome_metadata)
     pixels = next((e for e in root.iter() if e.tag.endswith("}Pixels")), None)

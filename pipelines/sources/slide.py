@@ -118,7 +118,8 @@ def inspect_slide(uri: str | Path) -> SlideInfo:
     """Levels and pixel size of a slide.
 
     MPP comes from openslide.mpp-x / tiffslide.mpp-x, else aperio.MPP (Aperio ImageDescription),
-    else the TIFF resolution tags when their unit is centimetre or inch; None when none says.
+    else an OME-TIFF's PhysicalSizeX/Y, else the TIFF resolution tags when their unit is
+    centimetre or inch; None when none says.
     """
     uri = str(uri)
     if "://" not in uri and not Path(uri).exists():
@@ -137,9 +138,26 @@ def inspect_slide(uri: str | Path) -> SlideInfo:
             vendor=str(vendor),
         )
     if info.mpp_x is None and "://" not in uri:
-        mpp_x, mpp_y = _tiff_resolution_mpp(uri)
+        mpp_x, mpp_y = _ome_mpp(uri)
+        if mpp_x is None:
+            mpp_x, mpp_y = _tiff_resolution_mpp(uri)
         info = SlideInfo(info.uri, info.level_dimensions, info.level_downsamples, mpp_x, mpp_y, info.vendor)
     return info
+
+
+def _ome_mpp(uri: str) -> tuple[float | None, float | None]:
+    """µm/px from an OME-TIFF's PhysicalSizeX / PhysicalSizeY: the pyramidal OME-TIFFs that QuPath
+    and bfconvert write say their pixel size there only (tiffslide does not read it)."""
+    from pipelines.sources.image import ome_channels_and_size
+
+    try:
+        with tifffile.TiffFile(uri) as tif:
+            if not tif.is_ome:
+                return None, None
+            _, size = ome_channels_and_size(tif)
+    except Exception:  # noqa: BLE001 - unreadable or odd OME-XML: the other sources of the MPP are tried
+        return None, None
+    return (size[1], size[0]) if size else (None, None)
 
 
 def choose_level(info: SlideInfo, target_mpp: float | None) -> tuple[int, float]:
@@ -155,7 +173,7 @@ def choose_level(info: SlideInfo, target_mpp: float | None) -> tuple[int, float]
     if info.mpp_x is None:
         raise InputError(
             info.uri,
-            "has no microns-per-pixel metadata (openslide.mpp-x, aperio.MPP or TIFF resolution) "
+            "has no microns-per-pixel metadata (openslide.mpp-x, aperio.MPP, OME PhysicalSizeX or TIFF resolution) "
             f"but the model card needs {target_mpp} µm/px",
         )
     level_mpps = [info.mpp_x * downsample for downsample in info.level_downsamples]
