@@ -239,7 +239,8 @@ def segment_command(args: argparse.Namespace) -> int:
         from pipelines.regions import load_regions, outside_raster_note
 
         regions = load_regions(run.options.regions, run.options.region_id)
-        if outside := outside_raster_note(regions, image.source.crs_wkt, image.source.transform, *image.source.shape):
+        if outside := outside_raster_note(regions, image.source.crs_wkt, image.source.regions_transform,
+                                              *image.source.shape):
             note(outside)
             image = dataclasses.replace(image, notes=(*image.notes, outside))
     page = write_segment_report(run, image, result, started_at)

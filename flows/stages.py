@@ -417,8 +417,8 @@ def count_regions(image: ImageRun, regions) -> list[tuple[str, np.ndarray, np.nd
     if len(source.shape) != 2:
         raise InputError(regions.source, "region statistics need a 2D image, not a volume")
     labels = image.work.labels()
-    counted = region_class_counts(regions, labels, source.crs_wkt, source.transform, image.run.card.num_classes,
-                                  source.pixel_areas().row_areas)
+    counted = region_class_counts(regions, labels, source.crs_wkt, source.regions_transform,
+                                  image.run.card.num_classes, source.pixel_areas().row_areas)
     return [(r.region, r.counts, r.areas) for r in counted]
 
 

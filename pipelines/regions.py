@@ -12,8 +12,10 @@ outside counts the pixels it covers.
 Coordinates:
 - regions and raster both have a CRS: the polygons are reprojected vertex by vertex into the
   raster's CRS (edges stay straight lines in the raster's CRS);
-- neither has one: the polygons are in pixel coordinates of the label raster (x = column,
-  y = row, the image's top-left corner at (0, 0)), as for annotations drawn on a slide. A
+- neither has one: the polygons are in pixel coordinates (x = column, y = row, the image's
+  top-left corner at (0, 0)) of the full-resolution image, as annotations are drawn on a slide
+  (QuPath: level 0); the caller's transform maps the labels' pixels to them
+  (Source.regions_transform: a slide segmented at a coarser level is scaled up). A
   GeoJSON file without a "crs" member counts as having none here, although GDAL reads it as
   lon/lat (RFC 7946): slide annotation tools write pixel coordinates in such files;
 - one has a CRS and the other not: an InputError, since nothing says how they line up.

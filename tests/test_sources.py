@@ -3,6 +3,7 @@ mm³, a real whole-slide image to OME-Zarr labels with µm², tissue detection s
 
 
 import dataclasses
+import json
 
 import nibabel as nib
 import rasterio
@@ -14,7 +15,7 @@ import zarr
 from flows.cli import main
 from pipelines.errors import InputError
 from pipelines.sources.slide import choose_level, inspect_slide, working_shape
-from pipelines.stats import read_stats
+from pipelines.stats import read_stats, read_table
 from pipelines.tiling import Box
 from pipelines.sources.volume import inspect_volume, read_volume_box
 from test_stitching import conv_net, reference_labels, torchscript_card
@@ -50,7 +51,13 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
     card = yaml.safe_load(card_path.read_text())
     card["input"].update(scale=1 / 255, mean=[0.5] * 3, std=[0.25] * 3, mpp=1.0)
     card_path.write_text(yaml.safe_dump(card))
-    assert main(["segment", str(slide_path), "--model", str(card_path), "--out", str(tmp_path / "out"), "--tiff"]) == 0
+    # A QuPath annotation (GeoJSON without a CRS, in pixels of level 0): the slide's left half.
+    regions = tmp_path / "annotations.geojson"
+    regions.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"name": "left half"},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1110, 0], [1110, 2967], [0, 2967], [0, 0]]]}}]}))
+    assert main(["segment", str(slide_path), "--model", str(card_path), "--out", str(tmp_path / "out"), "--tiff",
+                 "--regions", str(regions)]) == 0
     out = capsys.readouterr().out
     skipped = int(out.split(" skipped")[0].split()[-1])
     assert skipped > 0, "glass tiles are never sent to the model"
@@ -73,6 +80,17 @@ def test_a_slide_comes_back_as_ome_zarr_labels_in_square_microns(ray_cluster, tm
         assert row["area_unit"] == "um2"
         assert row["area"] == pytest.approx(row["pixel_count"] * 1.0**2)
         assert row["pixel_count"] == int((level0 == row["class_id"]).sum())
+    # The annotation is in level-0 pixels, the labels at 1.0 µm/px: a label pixel is in the
+    # region when its centre, in level-0 pixels, is (before: taken in label pixels, the
+    # annotation covered every column).
+    level, scale = choose_level(slide, 1.0)
+    factor = slide.level_downsamples[level] * scale
+    left = (np.arange(level0.shape[1]) + 0.5) * factor < 1110
+    assert 0 < left.sum() < level0.shape[1] - 500
+    region_rows = read_table(tmp_path / "out" / "stats", "region_class").to_pylist()
+    in_region = level0[:, left]
+    assert {row["class_id"]: row["pixel_count"] for row in region_rows} == {
+        class_id: int((in_region == class_id).sum()) for class_id in range(2)}
 
 
 def test_bands_chosen_by_name_match_the_same_bands_by_index(ray_cluster, sentinel_scene, tmp_path, capsys):

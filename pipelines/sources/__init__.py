@@ -68,6 +68,16 @@ class Source:
     def stem(self) -> str:
         return image_stem(self.uri)
 
+    @property
+    def regions_transform(self) -> tuple[float, ...] | None:
+        """From a pixel segmented to the coordinates regions (--regions) are drawn in: the map's
+        for georeferenced sources; else the full-resolution image's pixels (a slide's level 0,
+        where QuPath draws its annotations, as the class polygons are written back)."""
+        if self.crs_wkt is not None or self.full_resolution_factor == 1.0:
+            return self.transform
+        factor = self.full_resolution_factor
+        return (factor, 0.0, 0.0, 0.0, factor, 0.0)
+
     def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
         """(len(bands), *box.shape) pixels; bands are 1-based as in the card."""
         raise NotImplementedError
