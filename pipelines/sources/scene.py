@@ -339,8 +339,9 @@ def card_units(uri: str, scales: list[float], offsets: list[float], card: ModelC
     add_offset) and the card's input.scale; and a note when they were changed.
 
     A file declaring scale 0.0001 and offset -0.1 holds reflectance as DN x 0.0001 - 0.1 (the
-    Sentinel-2 offset of processing baseline 04.00, as EOPF's products and GDAL carry it), and a card of `input.scale: 0.0001` turns raw DN into reflectance
-    too: applying both gave the model values 10,000 times too small. When the card's scale is the
+    Sentinel-2 offset of processing baseline 04.00, as EOPF's products and GDAL carry it), and a
+    card of `input.scale: 0.0001` turns raw DN into reflectance too: applying both gave the
+    model values 10,000 times too small. When the card's scale is the
     file's, the bands are read in the card's units (raw values plus the offset over the scale:
     DN - 1000), so that the card's scale gives the file's reflectance, offset included. A card of
     scale 1 takes the file's values as they are (scale and offset applied), and so does any card
