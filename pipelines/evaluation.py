@@ -85,7 +85,9 @@ def overall(agreements: list[Agreement], name: str = "all images") -> Agreement:
 
 
 # What an image's folder in an output root holds its labels in, by preference.
-LABEL_FILES = ("labels.tif", "labels.nii.gz")
+LABEL_FILES = ("labels.tif", "labels.nii.gz", "labels.ome.zarr", "image.ome.zarr")
+"""What an image folder's labels are in: GeoTIFF, NIfTI, OME-Zarr labels (Zarr sources) or the
+OME-Zarr image with its labels (slides)."""
 
 
 def pairs_to_evaluate(prediction: str, reference: str) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -97,15 +99,18 @@ def pairs_to_evaluate(prediction: str, reference: str) -> tuple[list[tuple[str, 
     from pipelines import storage
     from pipelines.training_data import label_files_by_stem, matching_label_file
 
-    if storage.exists(prediction) and not storage.is_folder(prediction):
-        if storage.is_folder(reference):
+    def labels_file(uri: str) -> bool:  # a file, or a Zarr store (a folder read as one array)
+        return uri.rstrip("/").lower().endswith(".zarr") or not storage.is_folder(uri)
+
+    if storage.exists(prediction) and labels_file(prediction):
+        if not labels_file(reference):
             raise InputError(reference, f"is a folder; a labels file ({prediction}) is compared with one reference file")
         path = PurePosixPath(prediction.split("://", 1)[-1])
-        name = path.parent.name if path.name.lower().startswith("labels.") else path.name.split(".")[0]
+        name = path.parent.name if path.name.lower() in LABEL_FILES else path.name.split(".")[0]
         return [(name, prediction, reference)], []
     if not storage.is_folder(prediction):
         raise InputError(prediction, "no such labels file or output root")
-    if not storage.is_folder(reference):
+    if labels_file(reference):
         raise InputError(reference, f"must be a folder of references to compare with the output root {prediction}")
     references = label_files_by_stem(reference)
     pairs, notes = [], []
@@ -131,6 +136,9 @@ def evaluate(prediction: str | Path, reference: str | Path, image: str | None = 
              class_names: tuple[str, ...] | None = None) -> Agreement:
     prediction, reference = str(prediction), str(reference)
     with open_labels(prediction) as predicted, open_labels(reference) as truth:
+        if hasattr(predicted, "nifti") != hasattr(truth, "nifti") and len(predicted.shape) == 3:
+            raise InputError(prediction, f"and the reference {reference} order a volume's axes differently (NIfTI "
+                                         "i, j, k against Zarr z, y, x): compare a NIfTI with a NIfTI")
         if predicted.shape != truth.shape:
             raise InputError(prediction, f"is {predicted.shape[::-1]} pixels, the reference {reference} "
                                          f"{truth.shape[::-1]}: not the same grid")
@@ -166,6 +174,8 @@ class open_labels:
             raise
 
     def open(self):
+        if self.path.rstrip("/").lower().endswith(".zarr"):
+            return self.open_zarr()
         if self.path.lower().endswith(NIFTI):
             import nibabel as nib
 
@@ -208,11 +218,53 @@ class open_labels:
         self.class_names = category_names(self.path)
         return self
 
+    def open_zarr(self):
+        """An OME-Zarr image's first label image (`labels.ome.zarr` and `image.ome.zarr` as segpipe
+        writes them, or any OME-Zarr 0.4/0.5 image with labels), a label multiscale itself, or a
+        plain Zarr array of class ids: level 0, class names from image-label's properties."""
+        import zarr
+
+        try:
+            node = zarr.open(self.path.rstrip("/"), mode="r")
+        except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for what is not a store
+            raise InputError(self.path, f"not a readable Zarr store ({exc})") from exc
+        self.class_names = ()
+        if isinstance(node, zarr.Group):
+            def ome(group) -> dict:
+                attrs = group.attrs.asdict()
+                return attrs.get("ome", attrs)
+
+            if "labels" in node and ome(node["labels"]).get("labels"):
+                node = node["labels"][ome(node["labels"])["labels"][0]]
+            metadata = ome(node)
+            if not metadata.get("multiscales"):
+                raise InputError(self.path, "is a Zarr group without OME-Zarr labels or multiscales: name the "
+                                            "labels array itself")
+            properties = metadata.get("image-label", {}).get("properties", [])
+            named = {p.get("label-value"): p.get("class") for p in properties if isinstance(p, dict)}
+            names = [named.get(i) for i in range(NODATA)]
+            count = next((i for i, name in enumerate(names) if name is None), NODATA)
+            self.class_names = tuple(str(name) for name in names[:count])
+            node = node[metadata["multiscales"][0]["datasets"][0]["path"]]
+        if node.ndim not in (2, 3):
+            raise InputError(self.path, f"is a Zarr array of shape {node.shape}: labels are 2D or 3D, one class id "
+                                        "per pixel")
+        self.array = node
+        self.shape = tuple(int(n) for n in node.shape)
+        self.nodata = None
+        self.grid = None
+        return self
+
     def __exit__(self, *exc_info) -> None:
         self.resources.close()
 
     def strips(self):
         """Class ids (int64; NODATA where not labelled), a strip at a time."""
+        if hasattr(self, "array"):  # Zarr: rows (slices of a volume), in C order like the others
+            step = max(1, STRIP_PIXELS // int(np.prod(self.shape[1:])))
+            for start in range(0, self.shape[0], step):
+                yield self.class_ids(np.asarray(self.array[start : start + step]), (start,) + (0,) * (len(self.shape) - 1))
+            return
         if hasattr(self, "nifti"):
             step = max(1, STRIP_PIXELS // (self.shape[0] * self.shape[1]))
             for k in range(0, self.shape[2], step):

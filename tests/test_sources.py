@@ -144,6 +144,27 @@ def test_a_zarr_array_is_segmented_in_place(ray_cluster, sentinel_scene, segment
     assert sorted(p.name for p in source.rglob("*")) == before
     assert read_stats(tmp_path / "out" / "stats").to_pylist()[0]["area_unit"] == "px"
 
+    # `segpipe evaluate` reads the OME-Zarr labels (before: only labels.tif and labels.nii.gz),
+    # as a store given by name and in an output root, with the class names of its metadata.
+    references = tmp_path / "references"
+    references.mkdir()
+    shifted = expected.copy()
+    shifted[:50] = np.where(shifted[:50] == 255, 255, (shifted[:50] + 1) % 3)
+    with rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as reference:
+        profile = dict(reference.profile, driver="GTiff")
+    with rasterio.open(references / "scene.tif", "w", **profile) as target:
+        target.write(shifted, 1)
+    for prediction in (tmp_path / "out" / "scene" / "labels.ome.zarr", tmp_path / "out"):
+        capsys.readouterr()
+        assert main(["evaluate", str(prediction), "--reference", str(references if prediction.name == "out" else
+                                                                     references / "scene.tif"), "--format", "json"]) == 0
+        [scored] = [entry for entry in json.loads(capsys.readouterr().out) if entry["image"] == "scene"]
+        rows = scored["classes"]
+        assert [row["class_name"] for row in rows] == ["clear", "cloud", "shadow"]
+        valid = shifted != 255
+        agreeing = int((shifted[valid] == expected[valid]).sum())
+        assert sum(row["true_positives"] for row in rows) == agreeing < valid.sum()
+
 
 @pytest.mark.parametrize("version", ["0.5", "0.4"])
 def test_an_ome_zarr_image_gives_labels_in_its_units(ray_cluster, tmp_path, version):
