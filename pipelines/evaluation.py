@@ -96,7 +96,6 @@ def pairs_to_evaluate(prediction: str, reference: str) -> tuple[list[tuple[str, 
     A labels file against a reference file; or an output root (a folder of image folders, each
     with labels.tif or labels.nii.gz) against a folder of references matched by image name (the
     same name, bare or with a suffix such as _mask; see pipelines.training_data)."""
-    from pipelines import storage
     from pipelines.training_data import label_files_by_stem, matching_label_file
 
     def labels_file(uri: str) -> bool:  # a file, or a Zarr store (a folder read as one array)

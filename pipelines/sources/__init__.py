@@ -63,6 +63,9 @@ class Source:
     full_resolution_factor: float = 1.0
     """Full-resolution pixels per pixel segmented (a slide read from a coarser level: its
     downsample), for outputs in the coordinates of the full-resolution image."""
+    units_note: str | None = None
+    """How the file's own scale and offset meet the card's input.scale, where they had to be
+    reconciled (pipelines.sources.scene.card_units)."""
 
     @property
     def stem(self) -> str:
@@ -93,9 +96,10 @@ class Source:
 
     def notes(self) -> list[str]:
         """One-line notes on how the source is taken, for the user (not errors)."""
+        notes = [self.units_note] if self.units_note else []
         if self.pixel_areas().unit == "px":
-            return [f"{self.uri} gives no physical pixel size: areas are counted in pixels (px)"]
-        return []
+            return [f"{self.uri} gives no physical pixel size: areas are counted in pixels (px)", *notes]
+        return notes
 
     def background_mask(self) -> np.ndarray | None:
         """A mask of background.FACTOR-sized cells holding something to segment, for sources whose

@@ -245,12 +245,8 @@ def decode_window(info: RasterInfo, bands: tuple[int, ...], box: Box) -> np.ndar
 class SceneSource(Source):
     info: RasterInfo
     units_note: str | None = None
-    """How the file's own scale and offset meet the card's (in_card_units), when they do."""
     kind = "scene"
     labels_output = "labels-cog"
-
-    def notes(self) -> list[str]:
-        return super().notes() + ([self.units_note] if self.units_note else [])
 
     @property
     def uri(self) -> str:
@@ -326,10 +322,10 @@ def in_card_units(info: RasterInfo, bands: tuple[int, ...], card: ModelCard) -> 
     applied, note = card_units(info.uri, scales, offsets, card)
     if note is None:
         return info, None
-    by_band = dict(zip(bands, applied))
-    new_scales = tuple(by_band[index + 1][0] if index + 1 in by_band else value for index, value in enumerate(info.scales))
-    new_offsets = tuple(by_band[index + 1][1] if index + 1 in by_band else value for index, value in enumerate(info.offsets))
-    return dataclasses.replace(info, scales=new_scales, offsets=new_offsets), note
+    new_scales, new_offsets = list(info.scales), list(info.offsets)
+    for band, (scale, offset) in zip(bands, applied):
+        new_scales[band - 1], new_offsets[band - 1] = scale, offset
+    return dataclasses.replace(info, scales=tuple(new_scales), offsets=tuple(new_offsets)), note
 
 
 def card_units(uri: str, scales: list[float], offsets: list[float], card: ModelCard

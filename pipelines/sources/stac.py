@@ -201,14 +201,10 @@ class StacItemSource(Source):
     pixel_nodata: float | None
     level: str | None = None
     units_note: str | None = None
-    """How the assets' own scale and offset meet the card's, when they do (scene.card_units)."""
     raw_nodata: float | None = None
     """The assets' nodata value as stored, where their values are read scaled (pixel_nodata is NaN then)."""
     kind = "stac"
     labels_output = "labels-cog"
-
-    def notes(self) -> list[str]:
-        return super().notes() + ([self.units_note] if self.units_note else [])
 
     @property
     def stem(self) -> str:
