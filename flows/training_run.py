@@ -253,8 +253,8 @@ def continued_options(out: str, options: TrainingOptions) -> TrainingOptions:
 def training_card(pairs: list[TrainingPair], options: TrainingOptions, out: str) -> ModelCard:
     """The card being trained: from --fine-tune, or built from the options and the first image."""
     from pipelines.sources import choose_kind
-    from segworkers.tile_models import (architecture_format, build_architecture, check_network, load_state_dict_file,
-                                        non_finite_tensors)
+    from segworkers.tile_models import (architecture_format, architecture_spatial_dims, build_architecture,
+                                        check_network, load_state_dict_file, non_finite_tensors)
 
     classes = parse_classes(options.classes) if options.classes else label_classes(pairs)
     if options.fine_tune:
@@ -274,7 +274,16 @@ def training_card(pairs: list[TrainingPair], options: TrainingOptions, out: str)
         if options.encoder:
             architecture_options["encoder_name"] = options.encoder
         probe = probe_card(classes)
-        spatial_dims = 3 if choose_kind(pairs[0].image, probe).name == "volume" else 2
+        # A 3D network reads its images as volumes (a TIFF stack too, whose axes tifffile may not
+        # name Z); a 2D one is not given a volume to learn slice by slice.
+        image_dims = 3 if choose_kind(pairs[0].image, probe).name == "volume" else 2
+        try:
+            spatial_dims = architecture_spatial_dims(options.architecture, architecture_options)
+        except TypeError as exc:  # an option the network does not take
+            raise InputError("--architecture-options", f"{options.architecture}: {exc}") from exc
+        if image_dims == 3 and spatial_dims == 2:
+            raise InputError(pairs[0].image, f"is a volume, and {options.architecture} is a 2D network: train a 3D "
+                                             "one (--architecture nnunet3d)")
         first = open_image(pairs[0].image, dataclasses.replace(probe, spatial_dims=spatial_dims, mpp=options.mpp))
         bands = tuple(int(b) if str(b).isdigit() else b for b in options.bands) if options.bands else \
             tuple(range(1, first.count + 1))
@@ -429,33 +438,46 @@ def write_metrics_table(path: str, history: list[dict], card: ModelCard) -> None
     storage.write_whole(path, buffer.getvalue())
 
 
+LEGEND_ROWS = 20
+"""Classes in one column of the training chart's legend."""
+
+
 def metrics_chart(history: list[dict], card: ModelCard) -> bytes:
     """A PNG: the training and validation loss, and each class's validation IoU (solid) and
-    Dice (dashed), over the epochs."""
+    Dice (dashed), over the epochs. The classes are named once each in a legend beside the
+    scores, in columns of up to LEGEND_ROWS, so that many classes do not cover the curves."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     epochs = [m["epoch"] for m in history]
-    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    columns = -(-len(card.classes) // LEGEND_ROWS)
+    figure = Figure(figsize=(10 + 1.6 * columns, 4 + 0.1 * min(len(card.classes), LEGEND_ROWS)), dpi=100,
+                    layout="constrained")
     loss, scores = figure.subplots(1, 2)
     loss.plot(epochs, [m["loss"] for m in history], marker="o", label="training")
     loss.plot(epochs, [m.get("validation_loss") for m in history], marker="o", label="validation")
     loss.set(title="loss (cross-entropy + Dice)", xlabel="epoch")
     loss.legend()
+    handles = [Line2D([], [], color="#444", marker="o", label="IoU"), Line2D([], [], color="#444", linestyle="--",
+                                                                            label="Dice")]
     for c in card.classes:
         colour = tuple(v / 255 for v in c.color)
-        scores.plot(epochs, [m.get(f"iou/{c.name}") for m in history], marker="o", color=colour, label=f"{c.name} IoU",
-                    markeredgecolor="#444")
-        scores.plot(epochs, [m.get(f"dice/{c.name}") for m in history], linestyle="--", color=colour,
-                    label=f"{c.name} Dice")
+        scores.plot(epochs, [m.get(f"iou/{c.name}") for m in history], marker="o", color=colour, markeredgecolor="#444")
+        scores.plot(epochs, [m.get(f"dice/{c.name}") for m in history], linestyle="--", color=colour)
+        handles.append(Line2D([], [], color=colour, linewidth=6, label=c.name))
     scores.set(title="validation scores", xlabel="epoch", ylim=(0, 1))
-    scores.legend(fontsize="small")
+    scores.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
+                  ncols=columns)
     for axes in (loss, scores):
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) <= 12:  # a tick at each epoch, none between (one epoch gave ticks at 0.96 ... 1.04)
+            axes.set_xticks(epochs)
+        else:
+            axes.xaxis.get_major_locator().set_params(integer=True)
         axes.grid(alpha=0.3)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -136,8 +136,9 @@ def evaluate(prediction: str | Path, reference: str | Path, image: str | None = 
     prediction, reference = str(prediction), str(reference)
     with open_labels(prediction) as predicted, open_labels(reference) as truth:
         if hasattr(predicted, "nifti") != hasattr(truth, "nifti") and len(predicted.shape) == 3:
-            raise InputError(prediction, f"and the reference {reference} order a volume's axes differently (NIfTI "
-                                         "i, j, k against Zarr z, y, x): compare a NIfTI with a NIfTI")
+            # A NIfTI's i, j, k are the x, y, z of a Zarr array or TIFF stack (z, y, x), as segpipe
+            # reads and writes volumes (and SimpleITK's GetArrayFromImage gives them).
+            next(labels for labels in (predicted, truth) if hasattr(labels, "nifti")).read_as_zyx()
         if predicted.shape != truth.shape:
             raise InputError(prediction, f"is {predicted.shape[::-1]} pixels, the reference {reference} "
                                          f"{truth.shape[::-1]}: not the same grid")
@@ -198,6 +199,10 @@ class open_labels:
 
             self.class_names = slicer_table_names(beside(self.path, SLICER_TABLE))
             return self
+        stack = tiff_stack(self.path)
+        if stack is not None:  # GDAL would read its first page only
+            self.array, self.shape, self.nodata, self.grid, self.class_names = stack, stack.shape, None, None, ()
+            return self
         import rasterio
         from rasterio.errors import RasterioError
 
@@ -257,23 +262,39 @@ class open_labels:
     def __exit__(self, *exc_info) -> None:
         self.resources.close()
 
+    zyx = False
+    """A NIfTI read as z, y, x (k, j, i), as Zarr arrays and TIFF stacks are."""
+
+    def read_as_zyx(self) -> None:
+        self.zyx, self.shape = True, self.shape[::-1]
+
     def strips(self):
         """Class ids (int64; NODATA where not labelled), a strip at a time."""
+        for strip, _ in self.strips_with_origin():
+            yield strip
+
+    def strips_with_origin(self):
+        """(class ids, the index of the strip's first pixel), a strip at a time."""
         if hasattr(self, "array"):  # Zarr: rows (slices of a volume), in C order like the others
             step = max(1, STRIP_PIXELS // int(np.prod(self.shape[1:])))
             for start in range(0, self.shape[0], step):
-                yield self.class_ids(np.asarray(self.array[start : start + step]), (start,) + (0,) * (len(self.shape) - 1))
+                origin = (start,) + (0,) * (len(self.shape) - 1)
+                yield self.class_ids(np.asarray(self.array[start : start + step]), origin), origin
             return
         if hasattr(self, "nifti"):
-            step = max(1, STRIP_PIXELS // (self.shape[0] * self.shape[1]))
-            for k in range(0, self.shape[2], step):
-                voxels = np.asarray(self.nifti.dataobj[:, :, k : k + step]).reshape(*self.shape[:2], -1)
-                yield self.class_ids(voxels, (0, 0, k))
+            i, j, depth = self.shape[::-1] if self.zyx else self.shape
+            step = max(1, STRIP_PIXELS // (i * j))
+            for k in range(0, depth, step):
+                voxels = np.asarray(self.nifti.dataobj[:, :, k : k + step]).reshape(i, j, -1)
+                if self.zyx:
+                    yield self.class_ids(voxels, (0, 0, k)).transpose(2, 1, 0), (k, 0, 0)
+                else:
+                    yield self.class_ids(voxels, (0, 0, k)), (0, 0, k)
             return
         rows = max(1, STRIP_PIXELS // self.shape[1])
         for row in range(0, self.shape[0], rows):
             window = ((row, min(row + rows, self.shape[0])), (0, self.shape[1]))
-            yield self.class_ids(self.dataset.read(1, window=window), (row, 0))
+            yield self.class_ids(self.dataset.read(1, window=window), (row, 0)), (row, 0)
 
     def class_ids(self, values: np.ndarray, origin: tuple[int, ...]) -> np.ndarray:
         """`values` as class ids: the file's nodata and NaN become NODATA; anything else that is
@@ -293,10 +314,43 @@ class open_labels:
             return
         first = tuple(int(i) for i in np.argwhere(wrong)[0])
         where = tuple(i + o for i, o in zip(first, origin))
-        at = f"voxel {where}" if hasattr(self, "nifti") else f"row {where[0]}, column {where[1]}"
+        at = f"voxel {where}" if len(where) == 3 else f"row {where[0]}, column {where[1]}"
         others = int(wrong.sum()) - 1  # in this strip: later strips are not read
         more = f" (and at least {others:,} more)" if others else ""
         raise InputError(self.path, f"holds the value {values[first].item()!r} at {at}{more}: {why}")
+
+
+class TiffStackPlanes:
+    """A local multi-page TIFF stack of one channel (pages = slices), read a few planes at a time
+    like a Zarr array's first axis."""
+
+    def __init__(self, path: str, shape: tuple[int, int, int]):
+        self.path, self.shape, self.ndim = path, shape, 3
+
+    def __getitem__(self, planes: slice) -> np.ndarray:
+        from pipelines.sources.volume import read_volume_box
+        from pipelines.tiling import Box
+
+        start, stop, _ = planes.indices(self.shape[0])
+        return read_volume_box(self.path, Box((start, 0, 0), (stop, *self.shape[1:])))[0]
+
+
+def tiff_stack(path: str) -> TiffStackPlanes | None:
+    """A local TIFF of more than one page of one channel in its first series (an ImageJ, OME or
+    tifffile stack), as planes; None for anything else (GDAL reads it)."""
+    if storage.is_remote(path) or not path.lower().endswith((".tif", ".tiff")):
+        return None
+    from pipelines.sources.volume import inspect_volume
+
+    try:
+        info = inspect_volume(path)
+    except InputError:
+        return None  # GDAL says what is wrong with it
+    if info.shape[0] < 2:
+        return None
+    if info.channels != 1:
+        raise InputError(path, f"is a stack of {info.channels}-channel planes: a labels volume is one class id per voxel")
+    return TiffStackPlanes(path, info.shape)
 
 
 def not_labelled(values: np.ndarray, nodata: float | None) -> np.ndarray:

@@ -150,10 +150,77 @@ def label_classes(pairs: list[TrainingPair]) -> tuple[ClassInfo, ...]:
     largest = 0
     for pair in pairs:
         with open_labels(pair.labels) as labels:
-            for strip in labels.strips():
-                values = strip[strip != NOT_LABELLED]
-                largest = max(largest, int(values.max(initial=0)))
+            extents = LabelExtents(labels.shape)
+            for strip, origin in labels.strips_with_origin():
+                extents.add(strip, origin)
+            refuse_instance_mask(pair.labels, extents)
+            largest = max(largest, extents.largest())
     return tuple(ClassInfo(i, f"class{i}", default_colour(i)) for i in range(max(largest, 1) + 1))
+
+
+# An unnamed label raster whose ids (besides 0) number at least INSTANCE_IDS, each in a small
+# part of the image and apart from most others, is an instance mask: one id per object (StarDist's
+# and Cellpose's masks), which a semantic network would learn as that many classes. Anatomy has
+# many small classes too (TotalSegmentator's CT: 41 organs, a median box of 1.8 % of the volume),
+# but organs lie around and inside each other: there a box meets 11 others on average, a
+# nucleus's box one or two (StarDist's 2D and 3D example masks: 0.5 and 1.6).
+INSTANCE_IDS = 16
+INSTANCE_EXTENT = 0.02
+"""The most that the median id's bounding box covers of the image's extent in an instance mask."""
+INSTANCE_NEIGHBOURS = 3.0
+"""The most other ids' boxes that an id's box meets on average in an instance mask."""
+
+
+class LabelExtents:
+    """The bounding box of every label value of a label raster, gathered strip by strip."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        self.low = np.full((NOT_LABELLED + 1, len(shape)), np.iinfo(np.int64).max, dtype=np.int64)
+        self.high = np.full((NOT_LABELLED + 1, len(shape)), -1, dtype=np.int64)
+
+    def add(self, class_ids: np.ndarray, origin: tuple[int, ...]) -> None:
+        from scipy import ndimage
+
+        # find_objects skips 0: shift every id by one so that class 0 has its box too.
+        for index, box in enumerate(ndimage.find_objects(class_ids + 1)):
+            if box is not None:
+                start = [s.start + o for s, o in zip(box, origin)]
+                stop = [s.stop + o for s, o in zip(box, origin)]
+                self.low[index] = np.minimum(self.low[index], start)
+                self.high[index] = np.maximum(self.high[index], stop)
+
+    def present(self) -> np.ndarray:
+        """The label values found, 255 (not labelled) left out."""
+        return np.flatnonzero(self.high[:NOT_LABELLED, 0] >= 0)
+
+    def largest(self) -> int:
+        return int(self.present().max(initial=0))
+
+    def extent_shares(self, values: np.ndarray) -> np.ndarray:
+        """The share of the raster's extent that each value's bounding box covers."""
+        sizes = (self.high[values] - self.low[values]).astype(np.float64)
+        return sizes.prod(axis=1) / float(np.prod(self.shape))
+
+    def mean_neighbours(self, values: np.ndarray) -> float:
+        """How many other values' bounding boxes each value's box meets, on average."""
+        low, high = self.low[values], self.high[values]
+        meet = np.all((low[:, None] < high[None, :]) & (low[None, :] < high[:, None]), axis=2)
+        return float(meet.sum(axis=1).mean()) - 1.0  # less each box meeting itself
+
+
+def refuse_instance_mask(path: str, extents: LabelExtents) -> None:
+    objects = extents.present()
+    objects = objects[objects != 0]
+    if (objects.size < INSTANCE_IDS or np.median(extents.extent_shares(objects)) >= INSTANCE_EXTENT
+            or extents.mean_neighbours(objects) >= INSTANCE_NEIGHBOURS):
+        return
+    raise InputError(path, f"holds {objects.size} different ids besides 0 ({objects.min()}-{objects.max()}), each in "
+                           "a small patch of its own, and no class names: it looks like an instance mask (one id per "
+                           f"object, as StarDist and Cellpose write), which would be learnt as {objects.max() + 1} "
+                           "classes. Turn it into class ids first (every object one class: 1 where the mask is above "
+                           "0, e.g. gdal_calc.py -A MASK --calc='A>0' --type=Byte --outfile=OUT), or name the "
+                           "classes with --classes if they are classes")
 
 
 def annotation_features(path: str) -> list[dict]:
@@ -236,8 +303,11 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
             labels[(0, *box.slices())] = values
         bad = np.setdiff1d(np.unique(values), [*range(card.num_classes), NOT_LABELLED])
         if bad.size:
+            many = (f" ({bad.size} of them here: an instance mask, one id per object, must first be turned into "
+                    "class ids)") if bad.size >= INSTANCE_IDS else ""
             raise InputError(pair.labels, f"has label values {', '.join(map(str, bad[:10]))} that are not among the "
-                                          f"{card.num_classes} classes (ids 0-{card.num_classes - 1}; 255 = not labelled)")
+                                          f"{card.num_classes} classes (ids 0-{card.num_classes - 1}; 255 = not "
+                                          f"labelled){many}")
         # Whole numbers by now, whatever the file's type (float labels included).
         ids = values[values != NOT_LABELLED].ravel().astype(np.int64)
         counts += np.bincount(ids, minlength=card.num_classes)[: card.num_classes]

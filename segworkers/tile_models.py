@@ -357,6 +357,21 @@ def build_architecture(card: ModelCard, device: str | None = None):
             raise InputError(card.source, str(exc.args[0])) from exc
 
 
+def architecture_spatial_dims(name: str, options: dict) -> int:
+    """3 for a registry network of 3D convolutions (nnunet3d), else 2 (smp and torchvision
+    networks are 2D); built on the meta device, so nothing is allocated."""
+    import torch
+    from torch import nn
+
+    from segworkers import models
+
+    if name not in models.names():
+        return 2
+    with torch.device("meta"):
+        network = models.create(name, num_classes=2, in_channels=1, **options)
+    return 3 if any(isinstance(layer, nn.Conv3d) for layer in network.modules()) else 2
+
+
 def architecture_format(name: str, encoder: str | None = None) -> str:
     """The card format that builds an architecture by its name: a segworkers.models name
     (registry), a torchvision segmentation model, or a segmentation_models_pytorch architecture

@@ -125,6 +125,37 @@ def test_nifti_references_as_floats_or_with_a_fourth_axis_of_one(tmp_path):
         evaluate(organs, resampled)
 
 
+def test_a_nifti_is_compared_with_a_tiff_stack_or_zarr_volume_axis_for_axis(tmp_path):
+    """A NIfTI's (i, j, k) are the (x, y, z) of a TIFF stack's or Zarr array's (z, y, x), as
+    segpipe writes a stack's labels. Before, GDAL read the stack's first page (the grids
+    differed) and a Zarr volume was refused."""
+    import tifffile
+    import zarr
+
+    organs = shared_data(CT_LABELS)
+    zyx = np.asarray(nib.load(organs).dataobj).astype(np.uint8).transpose(2, 1, 0)
+    itself = evaluate(organs, organs).confusion
+    changed = zyx.copy()
+    z, y, x = 20, 54, 86  # one voxel of the liver made spleen: its (i, j, k) is (86, 54, 20)
+    assert (changed[z, y, x], changed[z, y, x + 1]) == (5, 5)
+    changed[z, y, x] = 1
+    stack, array = tmp_path / "organs.tif", tmp_path / "organs.zarr"
+    tifffile.imwrite(stack, changed)
+    zarr.create_array(str(array), data=changed, chunks=(8, 64, 64))
+    expected = itself.copy()
+    expected[5, 5] -= 1
+    expected[5, 1] += 1
+    for reference in (stack, array):
+        assert (evaluate(reference, organs).confusion == expected).all()  # rows: the reference
+        assert (evaluate(organs, reference).confusion == expected.T).all()
+
+    wide = changed.astype(np.uint16)
+    wide[z, y, x] = 300
+    tifffile.imwrite(stack, wide)
+    with pytest.raises(InputError, match=r"organs.tif: holds the value 300 at voxel \(20, 54, 86\)"):
+        evaluate(organs, stack)
+
+
 def test_training_reads_a_labels_files_own_nodata_and_nan_as_not_labelled(predicted, sentinel_scene, tmp_path):
     """segpipe train's labels go through the same reading: the file's nodata value and NaN are not
     labelled (255), whatever the file's type, so training and evaluate count the same pixels."""

@@ -289,6 +289,77 @@ def test_bad_pairs_are_one_line_naming_the_files(ray_cluster, tmp_path, capsys, 
     assert not (tmp_path / "model" / "card.yaml").exists()
 
 
+@pytest.mark.parametrize("mask, named", [("mask2d.tif", False), ("mask3d.tif", False), ("mask2d.tif", True)])
+def test_an_instance_mask_is_refused_in_one_line_before_any_training(ray_cluster, tmp_path, capsys, mask, named):
+    """StarDist's example masks give every nucleus its own id (125 ids up to 183 in 2D, 51 in
+    3D): trained as they are, they made a card of 184 classes without a word. With classes
+    named, the ids beyond them are refused, saying why there are so many."""
+    images = importlib.resources.files("stardist") / "data" / "images"
+    image, label_file = tmp_path / "nuclei.tif", tmp_path / "nuclei_mask.tif"
+    shutil.copy(images / mask.replace("mask", "img"), image)
+    shutil.copy(images / mask, label_file)
+    capsys.readouterr()
+    options = TINY if named else [o for o in TINY if o not in ("--classes", "background,nucleus")]
+    if mask == "mask3d.tif":
+        options = [*options, "--tile", "16"]
+    assert main(["train", "--images", str(image), "--labels", str(label_file), *options, "--epochs", "1",
+                 "--out", str(tmp_path / "model")]) == 2
+    printed = capsys.readouterr().err
+    [error] = [line for line in printed.splitlines() if line.startswith("segpipe: error: ")]
+    expected = "an instance mask, one id per object, must first be turned into class ids" if named else \
+        "looks like an instance mask"
+    assert str(label_file) in error and expected in error and "Traceback" not in printed, printed
+    assert not (tmp_path / "model" / "card.yaml").exists()
+
+
+def test_a_3d_network_reads_tiff_stacks_as_volumes_and_a_2d_one_refuses_a_volume(ray_cluster, tmp_path, capsys):
+    """StarDist's 3D example (a tifffile stack whose axes say Q, not Z) was taken as a 2D image
+    for nnunet3d ("a 2D card reads one plane"); unet_padded given the CT is refused up front."""
+    images = importlib.resources.files("stardist") / "data" / "images"
+    stack, label_stack = tmp_path / "nuclei.tif", tmp_path / "nuclei_mask.tif"
+    shutil.copy(images / "img3d.tif", stack)
+    tifffile.imwrite(label_stack, (tifffile.imread(str(images / "mask3d.tif")) > 0).astype(np.uint8))
+    assert main(["train", "--images", str(stack), "--labels", str(label_stack), "--architecture", "nnunet3d",
+                 "--architecture-options", "base_features=4,depth=2", "--classes", "background,nucleus", "--tile",
+                 "16", "--batch", "2", "--steps-per-epoch", "2", "--validation-tiles", "2", "--epochs", "1",
+                 "--out", str(tmp_path / "model")]) == 0
+    assert yaml.safe_load((tmp_path / "model" / "card.yaml").read_text())["spatial_dims"] == 3
+    capsys.readouterr()
+    assert main(["train", "--images", str(shared_data(CT_VOLUME)), "--labels", str(shared_data(CT_LABELS)), *TINY,
+                 "--out", str(tmp_path / "flat")]) == 2
+    assert capsys.readouterr().err.strip() == (f"segpipe: error: {shared_data(CT_VOLUME)}: is a volume, and "
+                                               "unet_padded is a 2D network: train a 3D one (--architecture nnunet3d)")
+
+
+def test_organ_labels_without_names_are_classes_not_instances():
+    """The CT's 41 organs are small and many too, but lie around each other: numbered classes."""
+    from pipelines.training_data import TrainingPair, label_classes
+
+    classes = label_classes([TrainingPair(str(shared_data(CT_VOLUME)), str(shared_data(CT_LABELS)))])
+    largest = int(np.asarray(nibabel.load(shared_data(CT_LABELS)).dataobj).max())
+    assert [c.name for c in classes] == [f"class{i}" for i in range(largest + 1)]
+
+
+def test_the_training_chart_keeps_the_scores_visible_with_many_classes(recwarn):
+    """40 classes' IoU and Dice used to be 80 legend entries over the curves (constrained layout
+    gave up); now each class is named once, beside the axes, and one epoch has one tick."""
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from flows.training_run import metrics_chart
+    from pipelines.model_card import ClassInfo, default_colour
+
+    for count, epochs in ((2, 1), (40, 3)):
+        classes = tuple(ClassInfo(i, f"class{i}", default_colour(i)) for i in range(count))
+        history = [{"epoch": e, "loss": 1 / e, "validation_loss": 1.2 / e, **{f"iou/{c.name}": 0.5 for c in classes},
+                    **{f"dice/{c.name}": 0.6 for c in classes}} for e in range(1, epochs + 1)]
+        with Image.open(io.BytesIO(metrics_chart(history, SimpleNamespace(classes=classes)))) as picture:
+            assert picture.width > 1000 + 100 * (count > 20)  # wider for a second column of names
+    assert not [w for w in recwarn if "constrained_layout" in str(w.message)]
+
+
 def test_a_model_trained_into_object_storage_segments_from_there(ray_cluster, s3_server, nuclei_halves, tmp_path):
     import boto3
 
