@@ -286,6 +286,8 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
     else:
         label_card = dataclasses.replace(card, bands=(1,), band_names=("labels",), mean=(0.0,), std=(1.0,))
         label_source = open_source(pair.labels, label_card)
+        if hasattr(label_source, "as_stored"):  # a palette PNG's indices are its class ids (VOC's masks)
+            label_source = label_source.as_stored()
         if label_source.count != 1:  # band 1 of a colour mask would pass for class ids
             raise InputError(pair.labels, f"has {label_source.count} bands: a labels raster is one band of class ids "
                                           "(a colour-coded mask must first be turned into class ids)")

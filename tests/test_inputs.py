@@ -228,6 +228,33 @@ def test_a_png_and_a_scene_without_a_crs_are_plain_images(ray_cluster, sentinel_
         assert labels.crs is None and labels.shape == pixels.shape[1:]
 
 
+def test_a_palette_image_is_read_as_its_colours(ray_cluster, tmp_path):
+    """A GIF, a palette PNG or a palette TIFF stores indices into a colour table: the model read
+    the indices (the order in which the writer listed the colours) as if they were intensities.
+    They now give the labels and preview of the same picture in RGB; a palette PNG as a training
+    label keeps its indices (VOC's masks store class ids so)."""
+    import skimage.data
+    from PIL import Image
+
+    cat = Image.open(Path(skimage.data.__file__).parent / "chelsea.png").convert("RGB").quantize(200)
+    cat.convert("RGB").save(tmp_path / "rgb.png")
+    cat.save(tmp_path / "palette.png")
+    cat.save(tmp_path / "palette.gif")
+    cat.save(tmp_path / "palette.tif")
+    assert not (np.asarray(cat)[..., None] == np.asarray(cat.convert("RGB"))).all(axis=2).all()  # indices != colours
+    card = torchscript_card(tmp_path, conv_net(2, 3, 3), 2, 3, 3, tile=128)
+    outputs = {}
+    for name in ("rgb.png", "palette.png", "palette.gif", "palette.tif"):
+        assert main(["segment", str(tmp_path / name), "--model", str(card), "--out", str(tmp_path / name[-3:])]) == 0
+        folder = tmp_path / name[-3:] / name.split(".")[0]
+        outputs[name] = [(folder / file).read_bytes() for file in ("labels.tif", "preview.png")]
+    assert outputs["palette.png"] == outputs["palette.gif"] == outputs["palette.tif"] == outputs["rgb.png"]
+    info = inspect_image(str(tmp_path / "palette.png"))
+    assert (info.channels, info.channel_names, info.indices().channels) == (3, ("red", "green", "blue"), 1)
+    indices = read_image_box(info.indices(), (1,), Box((0, 0), (40, 50)))[0]
+    np.testing.assert_array_equal(indices, np.asarray(cat)[:40, :50])
+
+
 def test_a_stack_of_planes_without_georeferencing_says_it_is_a_stack(nuclei, tmp_path, capsys):
     """A z-stack given to a 2D card is an image of the wrong dimension, not a scene without a CRS."""
     path, pixels = nuclei

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import rasterio
 import tifffile
 import zarr
+from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
@@ -63,6 +65,16 @@ class ImageInfo:
     """(y, x) µm per pixel, where the file says."""
     axes: str = ""
     """tifffile's axes of the series read (TIFF only)."""
+    palette: np.ndarray | None = field(default=None, compare=False)
+    """(entries, 3) uint8 colours of a palette image (GIF, PNG or TIFF of colour indices), whose
+    one band of indices is read as red, green and blue: a model wants the colours, not the
+    order in which the file's writer listed them."""
+
+    def indices(self) -> ImageInfo:
+        """The same file read as its stored values (a palette image's indices): a label file."""
+        if self.palette is None:
+            return self
+        return dataclasses.replace(self, channels=1, channel_names=(None,), palette=None)
 
 
 def inspect_image(path: str) -> ImageInfo:
@@ -72,10 +84,35 @@ def inspect_image(path: str) -> ImageInfo:
         return _inspect_tiff(path)
     try:
         with rasterio.open(path) as src:
+            if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
+                return ImageInfo(path, (src.height, src.width), 3, "uint8", "gdal", PALETTE_CHANNELS, None,
+                                 palette=palette_colours(src.colormap(1).items()))
             return ImageInfo(path, (src.height, src.width), src.count, src.dtypes[0], "gdal",
                              tuple(src.descriptions), None)
     except RasterioError as exc:
         raise InputError(path, f"not a readable image ({exc})") from exc
+
+
+PALETTE_CHANNELS = ("red", "green", "blue")
+
+
+def palette_colours(entries, divisor: int = 1) -> np.ndarray:
+    """(256 or more, 3) uint8 colours from (index, (r, g, b, ...)) entries, each component
+    divided by `divisor`; missing entries are black."""
+    entries = list(entries)
+    colours = np.zeros((max(256, max((k for k, _ in entries), default=0) + 1), 3), dtype=np.uint8)
+    for index, colour in entries:
+        colours[index] = [c // divisor for c in colour[:3]]
+    return colours
+
+
+def tiff_colour_map_divisor(colour_map: np.ndarray) -> int:
+    """What turns a TIFF ColorMap's 16-bit components into 8-bit ones, as GDAL (and so QGIS)
+    decides: 257 when every one is a multiple of it (0xABAB), 1 when none exceeds 255 (an 8-bit
+    table stored as is), else 256 (0xAB00, as PIL and libtiff write)."""
+    if not (colour_map % 257).any():
+        return 257
+    return 1 if colour_map.max() < 256 else 256
 
 
 def _inspect_tiff(path: str) -> ImageInfo:
@@ -92,6 +129,12 @@ def _inspect_tiff(path: str) -> ImageInfo:
             channels = math.prod(n for a, n in zip(axes, shape) if a in CHANNEL_AXES)
             names, size = ome_channels_and_size(tif) if tif.is_ome else ((), None)
             size = size or _resolution_tags_um(tif.pages[0])
+            page = tif.pages[0]
+            if channels == 1 and page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+                colour_map = np.asarray(page.colormap, dtype=np.int64)
+                colours = palette_colours(enumerate(colour_map.T.tolist()), tiff_colour_map_divisor(colour_map))
+                return ImageInfo(path, (shape[axes.index("Y")], shape[axes.index("X")]), 3, "uint8", "tifffile",
+                                 PALETTE_CHANNELS, size, axes, palette=colours)
             return ImageInfo(path, (shape[axes.index("Y")], shape[axes.index("X")]), channels, str(series.dtype),
                              "tifffile", names if len(names) == channels else (None,) * channels, size, axes)
     except InputError:
@@ -135,6 +178,9 @@ def _resolution_tags_um(page) -> tuple[float, float] | None:
 def read_image_box(info: ImageInfo, bands: tuple[int, ...], box: Box) -> np.ndarray:
     """(len(bands), *box.shape) pixels of the image; bands are 1-based."""
     (row0, col0), (row1, col1) = box.start, box.stop
+    if info.palette is not None:
+        indices = read_image_box(info.indices(), (1,), box)[0]
+        return np.stack([info.palette[indices, b - 1] for b in bands])
     try:
         if info.reader == "gdal":
             with rasterio.open(info.uri) as src:
@@ -185,6 +231,10 @@ class ImageSource(Source):
 
     def read(self, bands: tuple[int, ...], box: Box) -> np.ndarray:
         return read_image_box(self.info, bands, box)
+
+    def as_stored(self) -> ImageSource:
+        """This image read as the values it stores: a palette image's indices (a label file)."""
+        return dataclasses.replace(self, info=self.info.indices())
 
     def pixel_areas(self) -> PixelAreas:
         if self.info.pixel_size_um is None:
