@@ -69,6 +69,23 @@ def test_the_demo_card_fits_the_demo_scene_and_the_other_level_is_flagged(ray_cl
                and "s2-cloud-l1c" in line for line in notes), notes
 
 
+def test_an_image_smaller_than_a_fixed_tile_is_noted(ray_cluster, sentinel_scene, tmp_path, capsys):
+    """s2-cloud takes 256 x 256 tiles only: a 100 x 100 crop is mostly mirror to it, and 33 % of
+    its pixels got another label than inside the scene, without a word."""
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(sentinel_scene) as source:
+        window = rasterio.windows.Window(100, 0, 100, 100)
+        profile = dict(source.profile, width=100, height=100, transform=source.window_transform(window))
+        with rasterio.open(crop, "w", **profile) as target:
+            target.write(source.read(window=window))
+    for image, noted in ((crop, True), (sentinel_scene, False)):  # the scene: 300 x 200, wider than a tile
+        capsys.readouterr()
+        assert main(["segment", str(image), "--model", "s2-cloud-l1c", "--out", str(tmp_path / image.stem)]) == 0
+        expected = (f"note: {image} is 100 x 100 px, smaller than the 256-px tile that model card s2-cloud-l1c takes "
+                    "(its input size is fixed): the tile is filled by mirroring the image")
+        assert (expected in capsys.readouterr().err) == noted
+
+
 # --- slides: glass is nodata -------------------------------------------------------------------------
 
 def constant_card(folder: Path, **input_fields) -> Path:
