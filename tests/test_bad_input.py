@@ -5,6 +5,7 @@ import importlib.resources
 import shutil
 
 import numpy as np
+import pytest
 import rasterio
 import tifffile
 import torch
@@ -45,6 +46,16 @@ def test_file_that_is_not_an_image(capsys, tmp_path):
     code, err = run_segment(capsys, src, tmp_path / "out")
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"segpipe: error: {src}: not a readable raster")
+
+
+@pytest.mark.parametrize("name", ["empty.tif", "empty.png", "empty.nii.gz", "empty.svs"])
+def test_an_empty_file_says_it_is_empty(capsys, tmp_path, name):
+    """A download that never started left 0 bytes: GDAL said 'not recognized as being in a
+    supported file format'."""
+    src = tmp_path / name
+    src.touch()
+    code, err = run_segment(capsys, src, tmp_path / "out")
+    assert (code, err) == (2, [f"segpipe: error: {src}: is empty (0 bytes): a copy or download that did not finish?"])
 
 
 def test_a_folder_given_to_segment_says_run_is_for_folders(capsys, sentinel_scene, tmp_path):

@@ -175,6 +175,8 @@ def choose_kind(uri: str, card: ModelCard) -> SourceKind:
 def open_source(uri: str | Path, card: ModelCard) -> Source:
     """Open `uri` as the kind the registry chooses and check it against the card's bands."""
     uri = str(uri).rstrip("/")
+    if not storage.is_remote(uri) and Path(uri).is_file() and Path(uri).stat().st_size == 0:
+        raise InputError(uri, "is empty (0 bytes): a copy or download that did not finish?")
     source = choose_kind(uri, card).open(uri, card)
     if len(source.shape) != card.spatial_dims:  # the model would fail on the tiles' shape mid-run
         what = {2: "a 2D image", 3: "a 3D volume"}.get(len(source.shape), f"{len(source.shape)}D")
