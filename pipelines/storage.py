@@ -68,7 +68,15 @@ def storage_options(uri: str | Path) -> dict:
 
 def filesystem(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `uri` and the path within it (bucket/key for s3)."""
-    return url_to_fs(str(uri), **storage_options(uri))
+    try:
+        return url_to_fs(str(uri), **storage_options(uri))
+    except (ImportError, ValueError) as exc:  # fsspec knows gs://, az://, ... but their packages are not installed
+        if not is_remote(uri):
+            raise
+        scheme = urlsplit(str(uri)).scheme
+        raise InputError(uri, f"{scheme}:// is not a storage segpipe reads (local paths, s3:// and https:// are); "
+                              "Google Cloud Storage (with HMAC keys), MinIO and Ceph speak S3: s3://bucket/key with "
+                              "AWS_ENDPOINT_URL set to their endpoint (https://storage.googleapis.com)") from exc
 
 
 def exists(uri: str | Path) -> bool:

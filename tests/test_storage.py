@@ -187,6 +187,21 @@ def test_missing_objects_and_buckets_are_input_errors(s3_server, bucket, tmp_pat
     assert raised.value.path == f"{missing_bucket}/labels.tif"
 
 
+@pytest.mark.parametrize("uri", ["gs://bucket/scene.tif", "az://container/scene.tif", "foo://host/scene.tif"])
+def test_a_storage_segpipe_does_not_read_is_one_line_not_a_traceback(capsys, tmp_path, uri):
+    """gs:// ended in fsspec's ImportError ('Please install gcsfs'), 200 lines down."""
+    from flows.cli import main
+
+    scheme = uri.split("://")[0]
+    for argv in (["segment", uri, "--model", "s2-cloud", "--out", str(tmp_path / "out")],
+                 ["stats", uri.rsplit("/", 1)[0]]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{scheme}:// is not a storage segpipe reads (local paths, s3:// and https:// are)" in err
+        assert len(err.strip().splitlines()) == 1, err
+
+
 def test_segment_and_archive_flow_read_scenes_from_s3(ray_cluster, prefect_server, archived_scene, bucket, segmented_scene, tmp_path):
     """`segpipe segment s3://...` reads the scene through GDAL's /vsis3/ and gives the same labels
     as the local file; the Prefect flow discovers images under an s3:// prefix and skips them on
