@@ -230,8 +230,8 @@ def run_archive(archive: str, model: str, out: str, options: RunOptions) -> dict
         report["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         fold_statistics(run)  # the report's chart of the nights then reads one file, not one per image
         try:
-            write_run_report(run.out_root, report)
-            report["html"] = write_html_report(run.out_root, report)
+            whole = write_run_report(run.out_root, report)
+            report["html"] = write_html_report(run.out_root, whole)
         except OSError as exc:  # the summary is printed all the same
             report["report_error"] = failure_message(exc, run.out_root)
             logger.error("the run report could not be written: %s", report["report_error"])
@@ -372,6 +372,55 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower())
 
 
-def write_run_report(root: str, report: dict) -> None:
-    """<root>/runs/<run id>.json: what the last attempt of the run did."""
-    storage.write_whole(storage.join(root, "runs", f"{report['run_id']}.json"), json.dumps(report, indent=2).encode())
+def write_run_report(root: str, report: dict) -> dict:
+    """<root>/runs/<run id>.json: what the run has done over all its attempts (a night resumed
+    after a crash, or run again by its schedule, keeps the images its earlier attempts finished
+    as done, not as skipped), with each attempt's counts under "attempts". Returns it."""
+    path = storage.join(root, "runs", f"{report['run_id']}.json")
+    whole = with_earlier_attempts(report, earlier_report(path))
+    storage.write_whole(path, json.dumps(whole, indent=2).encode())
+    return whole
+
+
+def earlier_report(path: str) -> dict:
+    try:
+        earlier = json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+    except (OSError, ValueError):  # a report cut short by a crash: this attempt's alone is written
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
+def attempts_of(report: dict) -> list[dict]:
+    """A run report's attempts (one, for a report written before they were recorded)."""
+    if "attempts" in report:
+        return report["attempts"]
+    return [{"started": report.get("started"), "finished": report.get("finished"), "done": len(report.get("done", [])),
+             "skipped": len(report.get("skipped", [])), "failed": len(report.get("failed", {}))}]
+
+
+def with_earlier_attempts(report: dict, earlier: dict) -> dict:
+    """`report` (this attempt) with the images an earlier attempt of the same run id finished
+    that this one skipped as done: they are done in the run. Images skipped as done by another
+    run id stay skipped."""
+    attempt = {"started": report.get("started"), "finished": report.get("finished"), "done": len(report["done"]),
+               "skipped": len(report["skipped"]), "failed": len(report["failed"])}
+    earlier_images = earlier.get("images", {})
+    unclaimed = [name for name in earlier.get("done", []) if name in earlier_images and name not in report["done"]]
+    carried, skipped = [], []
+    for stem in report["skipped"]:
+        match = next((name for name in unclaimed if image_stem(earlier_images[name].get("uri", "")) == stem), None)
+        if match is None:
+            skipped.append(stem)
+        else:
+            unclaimed.remove(match)
+            carried.append(match)
+    whole = dict(report, done=carried + report["done"], skipped=skipped,
+                 images={**{name: earlier_images[name] for name in carried}, **report["images"]},
+                 blocks={**{name: earlier.get("blocks", {}).get(name, {}) for name in carried}, **report["blocks"]},
+                 attempts=[*attempts_of(earlier), attempt] if carried else [attempt])
+    if carried:
+        whole["started"] = earlier.get("started", report.get("started"))
+        whole["blocks_by_node"] = dict(earlier.get("blocks_by_node", {}))
+        for node, count in report["blocks_by_node"].items():
+            whole["blocks_by_node"][node] = whole["blocks_by_node"].get(node, 0) + count
+    return whole

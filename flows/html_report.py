@@ -65,7 +65,8 @@ def render(root: str, report: dict) -> str:
              "<p class='summary'>" + html.escape(
                  f"{report.get('run_date', '')} · model {report.get('model', '?')} {report.get('model_version', '')} · "
                  f"{len(report.get('done', []))} done, {len(report.get('skipped', []))} skipped, "
-                 f"{len(report.get('failed', {}))} failed · {report.get('started', '')} – {report.get('finished', '')}")
+                 f"{len(report.get('failed', {}))} failed · {report.get('started', '')} – {report.get('finished', '')}"
+                 + attempts_text(report.get("attempts", [])))
              + "</p>",
              f"<p>archive <code>{html.escape(str(report.get('archive', '')))}</code>, output root "
              f"<code>{html.escape(str(report.get('out', root)))}</code></p>"]
@@ -85,6 +86,15 @@ def render(root: str, report: dict) -> str:
         parts.append(f"<h2>Skipped (already done)</h2><p class='skipped'>{html.escape(', '.join(report['skipped']))}</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def attempts_text(attempts: list[dict]) -> str:
+    """The attempts of a run resumed or run again, each with what it did."""
+    if len(attempts) < 2:
+        return ""
+    each = "; ".join(f"{a.get('started', '?')}: {a.get('done', 0)} done, {a.get('failed', 0)} failed"
+                     for a in attempts)
+    return f" · {len(attempts)} attempts ({each})"
 
 
 def totals_section(images: dict, done: list[str], colours: dict) -> list[str]:

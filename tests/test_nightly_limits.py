@@ -98,8 +98,9 @@ def test_two_runs_at_once_on_one_output_root_the_second_is_refused(
     assert main(args) == 0, "the root is free again once the first run has finished"
     again = capsys.readouterr().out
     assert f"0 done, {len(names)} skipped (already done), 0 failed" in again
-    report = json.loads((out / "runs" / f"{holder['run_id']}.json").read_text())
-    assert report["done"] == [] and sorted(Path(n).stem for n in report["skipped"]) == names and report["failed"] == {}
+    report = json.loads((out / "runs" / f"{holder['run_id']}.json").read_text())  # the run id's over both attempts
+    assert sorted(report["done"]) == names and report["skipped"] == [] and report["failed"] == {}
+    assert [(a["done"], a["skipped"]) for a in report["attempts"]] == [(len(names), 0), (0, len(names))]
 
 
 def run_on_a_small_tmpfs(archive: Path, root: Path, size_kib: int, read_only: bool, tmp_path: Path) -> str:

@@ -109,6 +109,31 @@ def test_segpipe_report_rebuilds_the_same_page(night, capsys):
     assert capsys.readouterr().out.strip() == str(page) and page.read_bytes() == before
 
 
+def test_a_night_run_again_keeps_its_earlier_images_in_its_report(night, tmp_path):
+    """A night resumed after a crash, or run again by its schedule with the same run id, wrote a
+    report of '0 done, 2 skipped' over the page of the images it had done: they now stay done in
+    the run's report, with each attempt's counts. Another run id skips them as done."""
+    root, _ = night
+    again = tmp_path / "root"
+    shutil.copytree(root, again)
+    archive = root.parent / "archive"
+    state = segment_archive(str(archive), "s2-cloud-l1c", str(again), RunOptions(run_id="night"), return_state=True)
+    attempt = state.result(raise_on_failure=False)
+    assert attempt["done"] == [] and sorted(attempt["skipped"]) == ["north", "south"]  # what this attempt did
+    whole = json.loads((again / "runs" / "night.json").read_text())
+    assert sorted(whole["done"]) == ["north", "south"] and whole["skipped"] == []
+    assert list(whole["failed"]) == [str(archive / "broken.tif")]  # retried, and failed again
+    assert [(a["done"], a["skipped"], a["failed"]) for a in whole["attempts"]] == [(2, 0, 1), (0, 2, 1)]
+    earlier = json.loads((root / "runs" / "night.json").read_text())
+    assert whole["images"] == earlier["images"] and whole["started"] == earlier["started"]
+    page = (again / "runs" / "night.html").read_text()
+    assert "data-image='north'" in page and "data-image='south'" in page and "2 attempts" in page
+
+    other = segment_archive(str(archive), "s2-cloud-l1c", str(again), RunOptions(run_id="other"), return_state=True)
+    assert sorted(other.result(raise_on_failure=False)["skipped"]) == ["north", "south"]
+    assert sorted(json.loads((again / "runs" / "other.json").read_text())["skipped"]) == ["north", "south"]
+
+
 def test_version_quiet_and_json(ray_cluster, sentinel_scene, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
