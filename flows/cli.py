@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", parents=[loudness],
         help="train a network on labelled images into a model card (Ray Train)")
-    train.add_argument("--images", required=True, help="an image, or a folder / glob / s3:// prefix of images")
-    train.add_argument("--labels", required=True,
+    train.add_argument("--images", help="an image, or a folder / glob / s3:// prefix of images (required, unless "
+                                        "--resume)")
+    train.add_argument("--labels",
                        help="its label raster (class ids, 255 = not labelled; a slide: QuPath GeoJSON annotations), "
-                            "or a folder of them matched by name (IMAGE.tif, IMAGE_mask.tif, IMAGE_labels.tif, ...)")
+                            "or a folder of them matched by name (IMAGE.tif, IMAGE_mask.tif, IMAGE_labels.tif, ...); "
+                            "required, unless --resume")
     train.add_argument("--out", required=True, help="folder (or s3:// prefix) for card.yaml, weights, metrics and "
                                                     "checkpoints")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -175,6 +175,7 @@ def train(images: str, labels: str, out: str | Path, options: TrainingOptions, r
     out = str(out).rstrip("/")
     if not storage.is_remote(out):  # Ray's workers run in folders of their own
         out = str(Path(out).resolve())
+    images, labels = training_data(out, images, labels, resume)
     options = continued_options(out, options) if resume else fresh_options(out, options)
     pairs, plan = prepare_training(images, labels, out, options)
     ensure_ray(options.ray_address)
@@ -225,6 +226,35 @@ def prepare_training(images: str, labels: str, out: str, options: TrainingOption
         initial_weights=str(load_card(options.fine_tune).weights) if options.fine_tune else None,
         validation_tiles=options.validation_tiles,
     )
+
+
+DATA_FILE = "training-data.json"
+"""--images and --labels of the run in OUT (absolute), for `--out DIR --resume` alone."""
+
+
+def training_data(out: str, images: str | None, labels: str | None, resume: bool) -> tuple[str, str]:
+    """The run's images and labels: as given (and kept in OUT for a resume), or, resuming, as
+    kept; given again when resuming, they must be the same."""
+    path = storage.join(out, DATA_FILE)
+    given = {"images": images and storage.absolute(images), "labels": labels and storage.absolute(labels)}
+    if not resume:
+        missing = [f"--{name}" for name, value in given.items() if not value]
+        if missing:
+            raise InputError(" and ".join(missing), "required to start a training run (only --resume takes them "
+                                                    "from the run in --out)")
+        if not storage.exists(storage.join(out, "checkpoints", RUN_NAME)):
+            storage.write_whole(path, json.dumps(given, indent=1).encode())
+        return images, labels
+    if not storage.exists(path):
+        if images and labels:  # a run started before the data were kept
+            return images, labels
+        raise InputError(out, f"does not say which images it was trained on (no {DATA_FILE}): give --images and "
+                              "--labels as when it started")
+    kept = json.loads(storage.read_bytes(path))
+    for name, value in given.items():
+        if value and value != kept[name]:
+            raise InputError(f"--{name}", f"differs from the run being resumed in {out} ({kept[name]!r}); leave it out")
+    return kept["images"], kept["labels"]
 
 
 def fresh_options(out: str, options: TrainingOptions) -> TrainingOptions:

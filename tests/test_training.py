@@ -172,7 +172,13 @@ def test_two_workers_killed_mid_run_resume_to_the_weights_of_an_uninterrupted_ru
     assert "holds a training run already: --resume continues it" in capsys.readouterr().err
     assert main(["train", *pair, "--epochs", "5", "--out", str(killed), "--resume"]) == 2
     assert "--epochs: differs from the run being resumed" in capsys.readouterr().err
-    assert main(["train", *pair, "--out", str(killed), "--resume"]) == 0  # the saved options are the run's
+    assert main(["train", "--images", str(nuclei_halves["right"]), "--out", str(killed), "--resume"]) == 2
+    assert "--images: differs from the run being resumed" in capsys.readouterr().err
+    assert main(["train", "--images", str(nuclei_halves["left"]), *options, "--out", str(tmp_path / "new")]) == 2
+    assert "--labels: required to start a training run" in capsys.readouterr().err
+    # Only --out and --resume, as the README says: the images, labels and options are the run's
+    # (before: "the following arguments are required: --images, --labels").
+    assert main(["train", "--out", str(killed), "--resume"]) == 0
 
     resumed, whole = load_file(str(killed / "weights.safetensors")), load_file(str(uninterrupted / "weights.safetensors"))
     assert resumed.keys() == whole.keys()
