@@ -33,7 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows import segpipe_version
-from flows.progress import console, stage_progress, verbosity
+from flows.progress import console, note, stage_progress, verbosity
 from pipelines import storage
 from pipelines.errors import InputError
 from pipelines.model_card import MAX_TILE, ClassInfo, ModelCard, card_document, load_card
@@ -214,6 +214,8 @@ def prepare_training(images: str, labels: str, out: str, options: TrainingOption
         prepared = []
         for pair in pairs:
             prepared.append(prepare_pair(pair, card, storage.join(out, PREPARED)))
+            for text in prepared[-1].notes:
+                note(text)
             advance()
     if not options.fine_tune:
         mean, std = band_statistics(prepared, card.scale, card.clip)

@@ -265,6 +265,8 @@ class PreparedImage:
     shape: tuple[int, ...]
     class_pixels: tuple[int, ...]
     """Labelled pixels of each class."""
+    notes: tuple[str, ...] = ()
+    """What was left out of its labels, for the user."""
 
 
 def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedImage:
@@ -279,8 +281,9 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
     block = -(-(512 if card.spatial_dims == 2 else 64) // tile) * tile  # shards of whole chunks
     ingest_source(source, bands, image_store, tile, block)
     unlabelled = None
+    notes: tuple[str, ...] = ()
     if pair.labels.lower().endswith((".geojson", ".json")):
-        labels = rasterise_annotations(pair.labels, source, card)
+        labels, notes = rasterise_annotations(pair.labels, source, card)
         zarr.create_array(store=label_store, data=labels[None], chunks=(1, *(min(tile, s) for s in labels.shape)),
                           fill_value=NOT_LABELLED, overwrite=True)
     else:
@@ -315,7 +318,7 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
         counts += np.bincount(ids, minlength=card.num_classes)[: card.num_classes]
     if counts.sum() == 0:
         raise InputError(pair.labels, "has no labelled pixel")
-    return PreparedImage(pair.name, image_store, label_store, tuple(source.shape), tuple(int(c) for c in counts))
+    return PreparedImage(pair.name, image_store, label_store, tuple(source.shape), tuple(int(c) for c in counts), notes)
 
 
 def check_same_grid(pair: TrainingPair, image, labels) -> None:
@@ -340,18 +343,39 @@ def rasterise_annotations(path: str, source, card: ModelCard) -> np.ndarray:
     features = annotation_features(path)
     ids = {c.name.lower(): c.id for c in card.classes}
     shapes = []
+    unclassified = no_area = 0
     for feature in features:
         classification = (feature.get("properties") or {}).get("classification") or {}
-        name = str(classification.get("name", "")).lower()
+        if not classification.get("name"):  # QuPath's unclassified annotations (a region of interest)
+            unclassified += 1
+            continue
+        name = str(classification["name"]).lower()
         if name not in ids:
             raise InputError(path, f"has an annotation of class {classification.get('name')!r}, not among the card's "
                                    f"classes ({', '.join(c.name for c in card.classes)})")
-        shapes.append((shapely.geometry.shape(feature["geometry"]), ids[name]))
+        try:
+            geometry = shapely.geometry.shape(feature.get("geometry") or {"type": "GeometryCollection",
+                                                                          "geometries": []})
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise InputError(path, f"has an annotation of class {classification['name']!r} whose geometry is not "
+                                   f"GeoJSON ({exc})") from exc
+        areas = [part for part in getattr(geometry, "geoms", [geometry]) if part.geom_type in ("Polygon", "MultiPolygon")]
+        if not areas or all(part.is_empty for part in areas):  # points (QuPath's counting tool), lines, nothing
+            no_area += 1
+            continue
+        shapes += [(part, ids[name]) for part in areas]
     if not shapes:
-        raise InputError(path, "has no annotation")
+        raise InputError(path, "has no classified area annotation" + (f" ({unclassified} without a class, {no_area} "
+                                                                       "points or lines)" if features else ""))
+    notes = []
+    if unclassified:
+        notes.append(f"{path}: {unclassified} annotation(s) without a class left out (they label no pixel)")
+    if no_area:
+        notes.append(f"{path}: {no_area} point, line or empty annotation(s) left out (they cover no area)")
     factor = source.full_resolution_factor
-    return rasterize(shapes, out_shape=source.shape, fill=NOT_LABELLED, dtype="uint8",
-                     transform=Affine.scale(factor, factor))
+    labels = rasterize(shapes, out_shape=source.shape, fill=NOT_LABELLED, dtype="uint8",
+                       transform=Affine.scale(factor, factor))
+    return labels, tuple(notes)
 
 
 def split(images: list[PreparedImage], validation: str, fraction: float

@@ -240,10 +240,24 @@ def qupath_annotations() -> dict:
 def test_a_slide_with_qupath_annotations_trains_at_the_cards_resolution(ray_cluster, tmp_path, capsys):
     slide = shared_data(SLIDE)
     annotations = tmp_path / "CMU-1-Small-Region.geojson"
-    annotations.write_text(json.dumps(qupath_annotations()))
+    document = qupath_annotations()
+    # What QuPath projects hold besides: an unclassified region of interest, a count of points,
+    # an annotation whose geometry was lost (each failed the run with a traceback or "class None").
+    document["features"] += [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [2000, 0], [2000, 2900], [0, 0]]]},
+         "properties": {"objectType": "annotation"}},
+        {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[800, 2100], [900, 2200]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}}},
+        {"type": "Feature", "geometry": None, "properties": {"classification": {"name": "Glass"}}},
+    ]
+    annotations.write_text(json.dumps(document))
     out = tmp_path / "slide-model"
+    capsys.readouterr()
     assert main(["train", "--images", str(slide), "--labels", str(annotations), *TINY[:4], "--tile", "64",
                  "--mpp", "2.0", "--epochs", "1", "--steps-per-epoch", "3", "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().err.split())
+    assert f"note: {annotations}: 1 annotation(s) without a class left out (they label no pixel)" in printed
+    assert f"note: {annotations}: 2 point, line or empty annotation(s) left out (they cover no area)" in printed
     card = yaml.safe_load((out / "card.yaml").read_text())
     assert card["input"]["mpp"] == 2.0 and card["input"]["bands"] == [1, 2, 3]
     assert card["classes"] == [{"id": 0, "name": "Tissue", "color": "#c80064"},
