@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", parents=[loudness], help="segment one image")
     segment.add_argument("src", help="source image: a GeoTIFF / COG scene, a whole-slide image, a NIfTI or TIFF-stack "
                                      "volume, a Zarr / OME-Zarr array")
-    segment.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
+    segment.add_argument("--model", required=True, help="model card: a YAML path, a folder holding card.yaml (segpipe train's --out) or a built-in name (s2-cloud)")
     segment.add_argument("--out", required=True, help="output folder or s3:// prefix")
     add_run_options(segment, archive=False)
     segment.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[loudness],
         help="segment every new image of an archive (a Prefect flow; resumable)")
     run.add_argument("archive", help="a folder, a glob ('scenes/2026-*/*.tif') or an s3:// prefix")
-    run.add_argument("--model", required=True, help="model card: a YAML path or a built-in name (s2-cloud)")
+    run.add_argument("--model", required=True, help="model card: a YAML path, a folder holding card.yaml (segpipe train's --out) or a built-in name (s2-cloud)")
     run.add_argument("--out", required=True, help="output root (a folder or an s3:// prefix): images, statistics, manifest")
     add_run_options(run, archive=True)
     run.add_argument("--json", action="store_true", help="print the run report as one JSON object on stdout")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser("deploy", parents=[loudness],
         help="serve the run on a schedule against a Prefect server")
     deploy.add_argument("archive", help="a folder, a glob or an s3:// prefix")
-    deploy.add_argument("--model", required=True, help="model card: a YAML path or a built-in name")
+    deploy.add_argument("--model", required=True, help="model card: a YAML path, a folder holding card.yaml or a built-in name")
     deploy.add_argument("--out", required=True, help="output root")
     deploy.add_argument("--cron", required=True, help='schedule, e.g. "0 2 * * *" (every night at 02:00)')
     deploy.add_argument("--timezone", help="IANA timezone of the cron times (default UTC)")

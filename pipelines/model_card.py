@@ -172,14 +172,23 @@ def load_card(name_or_path: str | Path) -> ModelCard:
     if storage.is_remote(str(name_or_path)):
         return load_remote_card(str(name_or_path))
     path = Path(name_or_path)
+    if path.is_dir():  # the folder `segpipe train --out` wrote
+        if not (path / "card.yaml").is_file():
+            raise InputError(path, "is a folder without card.yaml: give the model card's YAML file")
+        path = path / "card.yaml"
     if not path.exists():
         builtin = BUILTIN_CARDS / f"{name_or_path}.yaml"
         if not builtin.exists():
             known = ", ".join(builtin_card_names())
-            raise InputError(name_or_path, f"no such model card file, and not a built-in card ({known})")
+            raise InputError(name_or_path, f"no such model card file, and not a built-in card ({known}); a card is "
+                                           "a YAML file naming the network and its weights (segpipe train writes "
+                                           "one)")
         path = builtin
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as exc:  # a weights file (.pt, .onnx, .safetensors) given as the card
+        raise InputError(path, "is not a model card (YAML text) but a binary file: give the card that names it "
+                               "under 'weights' (segpipe train writes card.yaml beside its weights)") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(path, f"cannot read model card: {exc}") from exc
     if not isinstance(raw, dict):

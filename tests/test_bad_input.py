@@ -2,6 +2,7 @@
 left behind that looks like a finished result."""
 
 import importlib.resources
+import re
 import shutil
 
 import numpy as np
@@ -110,6 +111,22 @@ def test_unknown_builtin_card(capsys, sentinel_scene, tmp_path):
     assert code == 2 and len(err) == 1
     assert ("no-such-model: no such model card file, and not a built-in card (s2-cloud, s2-cloud-4b, s2-cloud-l1c, "
             "s2-cloud-l1c-4b)") in err[0]
+
+
+def test_a_training_folder_is_a_card_and_a_weights_file_is_not(capsys, tmp_path):
+    """`--model DIR` (what `segpipe train --out DIR` made) said 'Is a directory'; a weights file
+    given as the card ended in a UnicodeDecodeError traceback."""
+    from pipelines.errors import InputError
+
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    card_path = torchscript_card(folder, conv_net(2, 6, 3), 2, 6, 3, tile=64)
+    card_path.rename(folder / "card.yaml")
+    assert load_card(folder) == load_card(folder / "card.yaml")
+    for given, expected in ((folder / "net.ts", "is not a model card (YAML text) but a binary file"),
+                            (tmp_path, "is a folder without card.yaml")):
+        with pytest.raises(InputError, match=re.escape(f"{given}: {expected}")):
+            load_card(given)
 
 
 def test_band_count_that_does_not_match_the_card(capsys, sentinel_scene, tmp_path):

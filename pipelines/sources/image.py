@@ -10,10 +10,10 @@ for them is silenced: a one-line note says what the image is taken as instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import xml.etree.ElementTree as ElementTree
-import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
