@@ -170,7 +170,10 @@ def load_card(name_or_path: str | Path) -> ModelCard:
     from pipelines import storage
 
     if storage.is_remote(str(name_or_path)):
-        return load_remote_card(str(name_or_path))
+        uri = str(name_or_path).rstrip("/")
+        if not uri.lower().endswith((".yaml", ".yml", ".json")) and storage.exists(storage.join(uri, "card.yaml")):
+            uri = storage.join(uri, "card.yaml")  # the prefix `segpipe train --out s3://...` wrote
+        return load_remote_card(uri)
     path = Path(name_or_path)
     if path.is_dir():  # the folder `segpipe train --out` wrote
         if not (path / "card.yaml").is_file():

@@ -397,6 +397,11 @@ def test_a_model_trained_into_object_storage_segments_from_there(ray_cluster, s3
     assert main(["segment", str(nuclei_halves["right"]), "--model", f"{out}/card.yaml", "--out", str(segmented)]) == 0
     with rasterio.open(segmented / "right" / "labels.tif") as labels:
         assert set(np.unique(labels.read(1))) <= {0, 1}
+        by_card = labels.read(1)
+    # The prefix itself, as a local training folder is taken (its card.yaml).
+    assert main(["segment", str(nuclei_halves["right"]), "--model", out, "--out", str(tmp_path / "by-prefix")]) == 0
+    with rasterio.open(tmp_path / "by-prefix" / "right" / "labels.tif") as labels:
+        np.testing.assert_array_equal(labels.read(1), by_card)
 
 
 @pytest.mark.parametrize("network", [
