@@ -69,6 +69,19 @@ def test_a_folder_given_to_segment_says_run_is_for_folders(capsys, sentinel_scen
                    f"segments the images in a folder"], err
 
 
+@pytest.mark.parametrize("folder, expected", [
+    ("series", "a DICOM series: convert it to NIfTI first (dcm2niix -z y -o OUT FOLDER)"),
+    ("S2B_MSIL2A_20240101T000000.SAFE", "a Sentinel-2 .SAFE product: stack its band files into one image"),
+])
+def test_folders_of_formats_segpipe_does_not_read_say_how_to_convert_them(capsys, tmp_path, folder, expected):
+    given = tmp_path / folder
+    given.mkdir()
+    (given / "IM000001.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    code, err = run_segment(capsys, given, tmp_path / "out")
+    assert code == 2 and err == [f"segpipe: error: {given}: is a folder, neither an image nor a Zarr store: {expected}"
+                                 + err[0].split(expected, 1)[1]], err
+
+
 def test_truncated_geotiff_fails_during_ingest_and_leaves_nothing(ray_cluster, capsys, sentinel_scene, tmp_path):
     # Tiled and compressed, its directory first (as GDAL writes it): the file opens, and reading
     # the tiles past the cut fails.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import re
@@ -132,9 +133,20 @@ def inspect_raster(uri: str | Path) -> RasterInfo:
             return info
     except RasterioError as exc:
         if not is_remote(uri) and Path(uri).is_dir():  # GDAL reads some folders (Arc/Info grids): it did not
-            raise InputError(uri, "is a folder, neither an image nor a Zarr store: `segpipe run` segments the "
-                                  "images in a folder") from exc
+            raise InputError(uri, "is a folder, neither an image nor a Zarr store: " + folder_hint(Path(uri))) from exc
         raise InputError(uri, f"not a readable raster ({exc})") from exc
+
+
+def folder_hint(folder: Path) -> str:
+    """What to do with a folder given as one image: the formats that are folders segpipe does not
+    read say how to convert them."""
+    if folder.suffix.upper() == ".SAFE":
+        return ("a Sentinel-2 .SAFE product: stack its band files into one image (gdalbuildvrt -separate -resolution highest "
+                "scene.vrt B02.jp2 B03.jp2 ..., in the card's band order) or give its STAC item")
+    names = [p.name.lower() for p in itertools.islice(folder.iterdir(), 1000)]
+    if any(name.endswith(".dcm") for name in names) or "dicomdir" in names:
+        return "a DICOM series: convert it to NIfTI first (dcm2niix -z y -o OUT FOLDER), then segment the .nii.gz"
+    return "`segpipe run` segments the images in a folder"
 
 
 def tagged_processing_level(tags: dict) -> str | None:
