@@ -436,6 +436,36 @@ def test_a_virtual_raster_stacking_band_files_is_an_image_of_the_archive(ray_clu
         np.testing.assert_array_equal(labels.read(1), expected.read(1))
 
 
+def test_jpeg_2000_images_are_listed_and_sentinel2_band_files_are_left_out_with_a_note(
+        ray_cluster, prefect_server, sentinel_scene, segmented_scene, tmp_path):
+    """Orthophotos are often JPEG 2000 (.jp2) of several bands: an archive of them was listed as
+    empty. A Sentinel-2 product's band files (one band each) are left out, with a note on how to
+    stack them, instead of failing one by one."""
+    from pipelines.sources import list_archive, nothing_found_note
+
+    with rasterio.open(sentinel_scene) as src:
+        profile, pixels = src.profile, src.read()
+    jp2 = {key: profile[key] for key in ("crs", "transform", "width", "height", "count", "dtype", "nodata")}
+    archive, bands = tmp_path / "archive", tmp_path / "IMG_DATA"
+    archive.mkdir()
+    bands.mkdir()
+    with rasterio.open(archive / "ortho.jp2", "w", driver="JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES", **jp2) as dst:
+        dst.write(pixels)  # lossless: the scene's own values
+    for name in ("T19HCC_20240101T143731_B02.jp2", "T19HCC_20240101T143731_B8A_20m.jp2"):
+        with rasterio.open(bands / name, "w", driver="JP2OpenJPEG", **dict(jp2, count=1)) as dst:
+            dst.write(pixels[:1])
+        shutil.copy(bands / name, archive / name)
+    assert [Path(uri).name for uri in list_archive(archive)] == ["ortho.jp2"]
+    report = run_night(str(archive), "s2-cloud", str(tmp_path / "out"))
+    assert report["done"] == ["ortho"] and report["failed"] == {}
+    with rasterio.open(tmp_path / "out" / "ortho" / "labels.tif") as labels, \
+            rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as expected:
+        np.testing.assert_array_equal(labels.read(1), expected.read(1))
+    assert list_archive(bands) == []
+    assert nothing_found_note(bands).startswith(f"{bands} holds 2 Sentinel-2 band file(s) (")
+    assert "gdalbuildvrt -separate -resolution highest" in nothing_found_note(bands)
+
+
 # --- 4D NIfTI --------------------------------------------------------------------------------------
 
 def test_a_4d_nifti_says_which_channel_a_one_band_card_reads(ray_cluster, tmp_path, capsys):

@@ -20,6 +20,7 @@ Nothing outside this package asks which kind a source is.
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +257,14 @@ def list_archive(archive: str | Path) -> list[str]:
     files are read for what they are (stac.items_among)."""
     if stac.is_stac(str(archive)):
         return stac.list_items(str(archive))
-    return stac.items_among(storage.list_images(archive, ARCHIVE_SUFFIXES, ARCHIVE_FOLDER_SUFFIXES))
+    listed = storage.list_images(archive, ARCHIVE_SUFFIXES, ARCHIVE_FOLDER_SUFFIXES)
+    return stac.items_among([uri for uri in listed if not SENTINEL2_BAND_FILE.search(uri)])
+
+
+# A Sentinel-2 product's band files (T32UQD_20240101T103421_B02.jp2, ..._B8A_20m.jp2, L1C and L2A
+# naming): one band each, which a card of several bands would refuse one by one. Archives leave
+# them out; nothing_found_note says how to stack them.
+SENTINEL2_BAND_FILE = re.compile(r"_B(0[1-9]|1[0-2]|8A)(_[126]0m)?\.jp2$", re.IGNORECASE)
 
 
 def nothing_found_note(archive: str | Path) -> str:
@@ -268,6 +276,11 @@ def nothing_found_note(archive: str | Path) -> str:
     if storage.has_glob_characters(archive) and not storage.is_folder(archive):
         return f"the pattern {archive} matches no file"
     readable = ", ".join((*ARCHIVE_SUFFIXES, *ARCHIVE_FOLDER_SUFFIXES))
+    band_files = [uri for uri in storage.list_images(archive, (".jp2",), ()) if SENTINEL2_BAND_FILE.search(uri)]
+    if band_files:
+        return (f"{archive} holds {len(band_files)} Sentinel-2 band file(s) ({band_files[0].rsplit('/', 1)[-1]}, "
+                "...), one band each, left out: stack a product's bands into one image (gdalbuildvrt -separate "
+                "-resolution highest scene.vrt B02.jp2 B03.jp2 ..., in the card's band order) or give its STAC item")
     folders = storage.subfolders(archive)
     if not folders:
         return f"{archive} holds no image segpipe reads (it lists {readable} files in the folder)"

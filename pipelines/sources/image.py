@@ -39,7 +39,7 @@ from pipelines.tiling import Box
 logging.getLogger("tifffile").addHandler(logging.NullHandler())
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-SUFFIXES = (".ome.tif", ".ome.tiff", *TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".vrt")
+SUFFIXES = (".ome.tif", ".ome.tiff", *TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".vrt", ".jp2")
 CHANNEL_AXES = ("C", "S")
 MICRONS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "μm": 1.0, "nm": 1e-3, "pm": 1e-6,
            "in": 25400.0, "inch": 25400.0}

@@ -384,4 +384,4 @@ def georeferenced(uri: str) -> bool:
 
 # .vrt: GDAL's virtual rasters, the usual way to stack bands kept in files of their own (Sentinel-2's
 # JPEG 2000 bands: gdalbuildvrt -separate), listed in archives with the GeoTIFFs.
-KIND = SourceKind("scene", open_scene, suffixes=(".tif", ".tiff", ".vrt"), recognises=georeferenced)
+KIND = SourceKind("scene", open_scene, suffixes=(".tif", ".tiff", ".vrt", ".jp2"), recognises=georeferenced)
