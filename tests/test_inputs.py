@@ -272,6 +272,29 @@ def test_a_palette_image_is_read_as_its_colours(ray_cluster, tmp_path):
     np.testing.assert_array_equal(indices, np.asarray(cat)[:40, :50])
 
 
+def test_transparent_pixels_of_an_rgba_image_are_nodata(ray_cluster, tmp_path, capsys):
+    """An RGBA PNG or TIFF (a drone export, a picture with its background cut out): its
+    transparent pixels were segmented as black ones and counted; they are nodata now, as a
+    GeoTIFF's alpha mask is."""
+    import skimage.data
+    from PIL import Image
+
+    rgba = np.asarray(Image.open(Path(skimage.data.__file__).parent / "ihc.png").convert("RGBA")).copy()
+    rgba[:100, :, 3] = 0  # the top 100 rows transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    tifffile.imwrite(tmp_path / "cut.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    card = torchscript_card(tmp_path, conv_net(2, 3, 3), 2, 3, 3, tile=128)
+    for name in ("cut.png", "cut.tif"):
+        capsys.readouterr()
+        out = tmp_path / name.replace(".", "-")
+        assert main(["segment", str(tmp_path / name), "--model", str(card), "--out", str(out), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["valid_pixels"] == rgba.shape[0] * rgba.shape[1] - 100 * rgba.shape[1]
+        with rasterio.open(out / "cut" / "labels.tif") as labels:
+            written = labels.read(1)
+        assert (written[:100] == 255).all() and (written[100:] != 255).all()
+
+
 def test_a_stack_of_planes_without_georeferencing_says_it_is_a_stack(nuclei, tmp_path, capsys):
     """A z-stack given to a 2D card is an image of the wrong dimension, not a scene without a CRS."""
     path, pixels = nuclei

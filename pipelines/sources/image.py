@@ -70,6 +70,10 @@ class ImageInfo:
     one band of indices is read as red, green and blue: a model wants the colours, not the
     order in which the file's writer listed them."""
 
+    alpha: int | None = None
+    """The 1-based channel of an alpha channel (RGBA PNG or TIFF): where it is 0 (transparent)
+    the pixel is nodata, as GDAL's alpha masks of a scene are."""
+
     def indices(self) -> ImageInfo:
         """The same file read as its stored values (a palette image's indices): a label file."""
         if self.palette is None:
@@ -87,8 +91,9 @@ def inspect_image(path: str) -> ImageInfo:
             if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
                 return ImageInfo(path, (src.height, src.width), 3, "uint8", "gdal", PALETTE_CHANNELS, None,
                                  palette=palette_colours(src.colormap(1).items()))
+            alpha = next((i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha), None)
             return ImageInfo(path, (src.height, src.width), src.count, src.dtypes[0], "gdal",
-                             tuple(src.descriptions), None)
+                             tuple(src.descriptions), None, alpha=alpha if src.count > 1 else None)
     except RasterioError as exc:
         raise InputError(path, f"not a readable image ({exc})") from exc
 
@@ -135,8 +140,12 @@ def _inspect_tiff(path: str) -> ImageInfo:
                 colours = palette_colours(enumerate(colour_map.T.tolist()), tiff_colour_map_divisor(colour_map))
                 return ImageInfo(path, (shape[axes.index("Y")], shape[axes.index("X")]), 3, "uint8", "tifffile",
                                  PALETTE_CHANNELS, size, axes, palette=colours)
+            extra = tuple(int(e) for e in (page.extrasamples or ()))
+            alpha = (channels - len(extra) + extra.index(2) + 1  # 2: unassociated alpha, RGBA's
+                     if 2 in extra and channels > len(extra) else None)
             return ImageInfo(path, (shape[axes.index("Y")], shape[axes.index("X")]), channels, str(series.dtype),
-                             "tifffile", names if len(names) == channels else (None,) * channels, size, axes)
+                             "tifffile", names if len(names) == channels else (None,) * channels, size, axes,
+                             alpha=alpha)
     except InputError:
         raise
     except Exception as exc:
@@ -181,6 +190,11 @@ def read_image_box(info: ImageInfo, bands: tuple[int, ...], box: Box) -> np.ndar
     if info.palette is not None:
         indices = read_image_box(info.indices(), (1,), box)[0]
         return np.stack([info.palette[indices, b - 1] for b in bands])
+    if info.alpha is not None:
+        pixels = read_image_box(dataclasses.replace(info, alpha=None), (*bands, info.alpha), box)
+        pixels, transparent = pixels[:-1], pixels[-1] == 0
+        pixels[:, transparent] = 0  # the source's nodata: every band 0
+        return pixels
     try:
         if info.reader == "gdal":
             with rasterio.open(info.uri) as src:
@@ -207,7 +221,11 @@ class ImageSource(Source):
     info: ImageInfo
     kind = "image"
     labels_output = "labels-tiff"
-    nodata = None
+
+    @property
+    def nodata(self) -> float | None:
+        """0 in every band where an alpha channel says transparent; else none."""
+        return 0 if self.info.alpha is not None else None
 
     @property
     def shape(self) -> tuple[int, int]:
