@@ -293,6 +293,14 @@ def test_transparent_pixels_of_an_rgba_image_are_nodata(ray_cluster, tmp_path, c
         with rasterio.open(out / "cut" / "labels.tif") as labels:
             written = labels.read(1)
         assert (written[:100] == 255).all() and (written[100:] != 255).all()
+    # Opaque everywhere (a picture saved as RGBA): its alpha says nothing, black stays a colour.
+    rgba[:, :, 3] = 255
+    rgba[:20, :20, :3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
+    assert inspect_image(str(tmp_path / "opaque.png")).alpha is None
+    assert main(["segment", str(tmp_path / "opaque.png"), "--model", str(card), "--out", str(tmp_path / "o")]) == 0
+    with rasterio.open(tmp_path / "o" / "opaque" / "labels.tif") as labels:
+        assert (labels.read(1) != 255).all()
 
 
 def test_a_stack_of_planes_without_georeferencing_says_it_is_a_stack(nuclei, tmp_path, capsys):

@@ -84,8 +84,20 @@ class ImageInfo:
 def inspect_image(path: str) -> ImageInfo:
     if not Path(path).is_file():
         raise InputError(path, "no such file")
-    if path.lower().endswith(TIFF_SUFFIXES):
-        return _inspect_tiff(path)
+    info = _inspect_tiff(path) if path.lower().endswith(TIFF_SUFFIXES) else _inspect_gdal(path)
+    if info.alpha is not None and math.prod(info.shape) <= ALPHA_CHECKED_PIXELS:
+        alpha = read_image_box(dataclasses.replace(info, alpha=None), (info.alpha,), Box((0, 0), info.shape))
+        if alpha.all():  # opaque everywhere (a picture saved as RGBA): no pixel is nodata
+            return dataclasses.replace(info, alpha=None)
+    return info
+
+
+# An alpha channel makes a pixel black in every band nodata; an image up to this size is first
+# looked at whole, and one opaque everywhere keeps its black pixels (its alpha says nothing).
+ALPHA_CHECKED_PIXELS = 1 << 26
+
+
+def _inspect_gdal(path: str) -> ImageInfo:
     try:
         with rasterio.open(path) as src:
             if src.count == 1 and src.colorinterp[0] == ColorInterp.palette:
