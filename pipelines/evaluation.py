@@ -142,7 +142,7 @@ def evaluate(prediction: str | Path, reference: str | Path, image: str | None = 
         if predicted.shape != truth.shape:
             raise InputError(prediction, f"is {predicted.shape[::-1]} pixels, the reference {reference} "
                                          f"{truth.shape[::-1]}: not the same grid")
-        if predicted.grid is not None and truth.grid is not None and predicted.grid != truth.grid:
+        if predicted.grid is not None and truth.grid is not None and not same_grid(predicted.grid, truth.grid):
             raise InputError(prediction, f"is not on the grid of the reference {reference} (another CRS or transform)")
         confusion = np.zeros((NODATA, NODATA), dtype=np.int64)
         seen = 0
@@ -218,7 +218,7 @@ class open_labels:
                                         "takes one band)")
         self.shape = (self.dataset.height, self.dataset.width)
         self.nodata = self.dataset.nodata
-        self.grid = (str(self.dataset.crs), tuple(self.dataset.transform)[:6]) if self.dataset.crs else None
+        self.grid = (self.dataset.crs, tuple(self.dataset.transform)[:6]) if self.dataset.crs else None
         self.class_names = category_names(self.path)
         return self
 
@@ -351,6 +351,20 @@ def tiff_stack(path: str) -> TiffStackPlanes | None:
     if info.channels != 1:
         raise InputError(path, f"is a stack of {info.channels}-channel planes: a labels volume is one class id per voxel")
     return TiffStackPlanes(path, info.shape)
+
+
+def same_grid(first: tuple, second: tuple) -> bool:
+    """Two rasters' (CRS, transform) or two NIfTI affines (flat tuples) describe one grid: the
+    same CRS however its WKT is written (an ESRI .prj's against an EPSG code), pixel sizes within
+    a millionth and origins within a hundredth of a pixel (the rounding of another writer)."""
+    if len(first) != 2 or len(second) != 2:  # NIfTI affines, rounded when read
+        return first == second
+    (crs_a, (a, b, c, d, e, f)), (crs_b, (a2, b2, c2, d2, e2, f2)) = first, second
+    if crs_a != crs_b:
+        return False
+    pixel = max(abs(a), abs(b), abs(d), abs(e))
+    return (np.allclose((a, b, d, e), (a2, b2, d2, e2), rtol=1e-6, atol=1e-6 * pixel)
+            and abs(c - c2) <= 0.01 * pixel and abs(f - f2) <= 0.01 * pixel)
 
 
 def not_labelled(values: np.ndarray, nodata: float | None) -> np.ndarray:

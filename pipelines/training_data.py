@@ -328,8 +328,10 @@ def check_same_grid(pair: TrainingPair, image, labels) -> None:
     if image.crs_wkt and labels.crs_wkt:
         from rasterio.crs import CRS
 
-        if CRS.from_wkt(image.crs_wkt) != CRS.from_wkt(labels.crs_wkt) or \
-                not np.allclose(image.transform, labels.transform):
+        from pipelines.evaluation import same_grid
+
+        if not same_grid((CRS.from_wkt(image.crs_wkt), tuple(image.transform)[:6]),
+                         (CRS.from_wkt(labels.crs_wkt), tuple(labels.transform)[:6])):
             raise InputError(pair.labels, f"is not on the grid of its image {pair.image} (another CRS or transform)")
 
 

@@ -156,6 +156,32 @@ def test_a_nifti_is_compared_with_a_tiff_stack_or_zarr_volume_axis_for_axis(tmp_
         evaluate(organs, stack)
 
 
+def test_the_same_grid_written_by_another_tool_is_the_same_grid(predicted, tmp_path):
+    """A reference saved with an ESRI .prj's WKT of the same CRS (no EPSG code) and its origin
+    rounded by another writer was refused as 'another CRS or transform'; half a pixel off is
+    another grid still."""
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    scene_labels, reference = predicted
+    with rasterio.open(scene_labels) as source:
+        values, transform = source.read(1), source.transform
+    # A projection without an EPSG code (a national Lambert conformal conic), as GDAL writes its
+    # WKT and as an ESRI .prj does: the same CRS, in words that differ.
+    lambert = CRS.from_proj4("+proj=lcc +lat_1=33 +lat_2=45 +lat_0=39 +lon_0=-96 +datum=WGS84 +units=m +no_defs")
+    esri = CRS.from_wkt(lambert.to_wkt(version="WKT1_ESRI"))
+    assert str(esri) != str(lambert) and esri == lambert
+    labels = write_like(scene_labels, tmp_path / "labels.tif", values, crs=lambert)
+    nudged = Affine(transform.a, 0, transform.c + 1e-7, 0, transform.e, transform.f - 1e-7)
+    same = write_like(scene_labels, tmp_path / "same.tif", reference, crs=esri, transform=nudged)
+    exact = write_like(scene_labels, tmp_path / "exact.tif", reference, crs=lambert)
+    assert (confusion_of(labels, same) == confusion_of(labels, exact)).all()
+    shifted = write_like(scene_labels, tmp_path / "shifted.tif", reference, crs=lambert,
+                         transform=Affine(transform.a, 0, transform.c + transform.a / 2, 0, transform.e, transform.f))
+    with pytest.raises(InputError, match="is not on the grid of the reference"):
+        evaluate(labels, shifted)
+
+
 def test_training_reads_a_labels_files_own_nodata_and_nan_as_not_labelled(predicted, sentinel_scene, tmp_path):
     """segpipe train's labels go through the same reading: the file's nodata value and NaN are not
     labelled (255), whatever the file's type, so training and evaluate count the same pixels."""

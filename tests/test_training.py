@@ -273,14 +273,14 @@ def test_a_slide_with_qupath_annotations_trains_at_the_cards_resolution(ray_clus
     assert set(np.unique(level[:])) <= {0, 1, 255}
 
 
-def write_geotiff(path: Path, pixels: np.ndarray, crs: str = "EPSG:32719") -> Path:
+def write_geotiff(path: Path, pixels: np.ndarray, crs: str = "EPSG:32719", origin=(600000, 4700000)) -> Path:
     with rasterio.open(path, "w", driver="GTiff", height=pixels.shape[-2], width=pixels.shape[-1], count=1,
-                       dtype=pixels.dtype, crs=crs, transform=from_origin(600000, 4700000, 10, 10)) as dst:
+                       dtype=pixels.dtype, crs=crs, transform=from_origin(*origin, 10, 10)) as dst:
         dst.write(pixels, 1)
     return path
 
 
-@pytest.mark.parametrize("case", ["grid", "crs", "values", "unlabelled", "missing label"])
+@pytest.mark.parametrize("case", ["grid", "crs", "half a pixel", "values", "unlabelled", "missing label"])
 def test_bad_pairs_are_one_line_naming_the_files(ray_cluster, tmp_path, capsys, case):
     image = write_geotiff(tmp_path / "scene.tif", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
     labels = np.zeros((64, 64), dtype=np.uint8)
@@ -289,6 +289,9 @@ def test_bad_pairs_are_one_line_naming_the_files(ray_cluster, tmp_path, capsys, 
         label_file, expected = write_geotiff(tmp_path / "scene_mask.tif", labels[:, :48]), "not the same grid"
     elif case == "crs":
         label_file, expected = write_geotiff(tmp_path / "scene_mask.tif", labels, "EPSG:4326"), "another CRS"
+    elif case == "half a pixel":  # 5 m off on 10 m pixels: passed a relative tolerance of 1e-5 at x = 600,000
+        label_file, expected = write_geotiff(tmp_path / "scene_mask.tif", labels, origin=(600005, 4700000)), \
+            "is not on the grid of its image"
     elif case == "values":
         labels[0, 0] = 7
         label_file, expected = write_geotiff(tmp_path / "scene_mask.tif", labels), "label values 7 that are not among"
