@@ -129,26 +129,33 @@ def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes
     glob characters (`scenes[1]`) is a folder.
 
     Remote entries come back as full URIs (s3://bucket/key); local ones as paths under the
-    folder as it was given.
+    folder as it was given. Hidden names (a leading dot) are left out: macOS's AppleDouble
+    companions (`._scene.tif`, not images) on shared drives and the temporary files of a copy
+    in progress (rsync's `.scene.tif.Xy12`).
     """
     uri_prefix = str(uri_prefix)
     if has_glob_characters(uri_prefix) and not is_folder(uri_prefix):
-        return _glob_files(uri_prefix)
+        return [uri for uri in _glob_files(uri_prefix) if not is_hidden(uri)]
     endings = {"file": tuple(s.lower() for s in suffixes), "directory": tuple(s.lower() for s in folder_suffixes)}
     if not is_remote(uri_prefix):
         folder = _local_path(uri_prefix)
         if not folder.is_dir():
             raise InputError(uri_prefix, "no such folder")
         return sorted(str(p) for p in folder.iterdir()
-                      if p.name.lower().endswith(endings["file" if p.is_file() else "directory"]))
+                      if p.name.lower().endswith(endings["file" if p.is_file() else "directory"]) and not is_hidden(p.name))
     with _input_errors(uri_prefix):
         fs, path = filesystem(uri_prefix)
         entries = fs.ls(path.rstrip("/"), detail=True)
     return sorted(
         fs.unstrip_protocol(entry["name"].rstrip("/"))
         for entry in entries
-        if entry["name"].rstrip("/").lower().endswith(endings.get(entry["type"], ()))
+        if entry["name"].rstrip("/").lower().endswith(endings.get(entry["type"], ())) and not is_hidden(entry["name"])
     )
+
+
+def is_hidden(path: str) -> bool:
+    """A file or folder whose name starts with a dot."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1].startswith(".")
 
 
 def is_folder(uri: str) -> bool:

@@ -122,6 +122,21 @@ def test_list_images_and_stat_on_s3(s3, bucket, archived_scene, sentinel_scene):
     assert not storage.exists(f"s3://{bucket}/archive/absent.tif")
 
 
+def test_hidden_files_are_not_images_of_an_archive(s3, bucket, archived_scene, tmp_path):
+    """A folder copied from a Mac holds an AppleDouble `._name.tif` beside every image (not a
+    TIFF), and a copy in progress rsync's `.name.tif.Xy12`: each failed the night as an image."""
+    hidden = ("._sentinel2_scene.tif", ".sentinel2_scene.tif.Xy12.tif")
+    local = tmp_path / "archive"
+    local.mkdir()
+    for name in ("sentinel2_scene.tif", *hidden):
+        (local / name).write_bytes(b"\0\5\26\7" + b"Mac OS X")
+        s3.put_object(Bucket=bucket, Key=f"archive/{name}", Body=b"\0\5\26\7")
+    assert storage.list_images(local, IMAGE_SUFFIXES) == [str(local / "sentinel2_scene.tif")]
+    assert storage.list_images(str(local / "*.tif"), IMAGE_SUFFIXES) == [str(local / "sentinel2_scene.tif")]
+    assert storage.list_images(f"s3://{bucket}/archive", IMAGE_SUFFIXES) == [archived_scene]
+    assert storage.list_images(f"s3://{bucket}/archive/*.tif", IMAGE_SUFFIXES) == [archived_scene]
+
+
 def test_rasterio_reads_the_s3_object_as_the_local_file(archived_scene, sentinel_scene):
     with rasterio.open(sentinel_scene) as local:
         expected = local.read()
