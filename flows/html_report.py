@@ -71,7 +71,7 @@ def render(root: str, report: dict) -> str:
              f"<p>archive <code>{html.escape(str(report.get('archive', '')))}</code>, output root "
              f"<code>{html.escape(str(report.get('out', root)))}</code></p>"]
     parts += totals_section(images, done, colours)
-    parts += history_section(root, colours)
+    parts += history_section(root, colours, report.get("model"))
     if done:
         parts.append("<h2>Images</h2>")
     pictures = thumbnails([(preview_of(images[name]), kept_thumbnail(root, report["run_id"], name)) for name in done])
@@ -112,9 +112,10 @@ def totals_section(images: dict, done: list[str], colours: dict) -> list[str]:
             f"</table>{bars}</div>"]
 
 
-def history_section(root: str, colours: dict) -> list[str]:
-    """Each class's area in every run of the root's statistics (all its images), the runs in the
-    order of their dates."""
+def history_section(root: str, colours: dict, model: str | None = None) -> list[str]:
+    """Each class's area in every run of the root's statistics (all its images) by the report's
+    model card (another card's rows in the same root are another series), the runs in the order
+    of their dates."""
     from pipelines.stats import read_table
 
     try:
@@ -123,6 +124,8 @@ def history_section(root: str, colours: dict) -> list[str]:
         return []
     series: dict[tuple[str, str], dict[tuple[dt.date, str], float]] = {}
     for row in rows:
+        if model is not None and row["model"] != model:
+            continue
         per_run = series.setdefault((row["class_name"], row["area_unit"]), {})
         run = (row["run_date"], row["run_id"])
         per_run[run] = per_run.get(run, 0.0) + row["area"]

@@ -401,7 +401,8 @@ def record(image: ImageRun, summary: SegmentSummary, written: tuple[str, ...]) -
         regions = load_regions(run.options.regions, run.options.region_id)
         tables["region_class"] = region_class_table(info, run_info, classes, regions.source,
                                                     count_regions(image, regions))
-    write_image_rows(run.stats_root, run.run_id, run.run_date, image_file_id(source.uri, image.name), tables)
+    write_image_rows(run.stats_root, run.run_id, run.run_date, image_file_id(source.uri, image.name, run.card.name),
+                     tables)
     mark_done(
         run.out_root,
         image.key,

@@ -10,7 +10,8 @@ hive partition per run date, one file per run.
 An image's rows are written to `_pending/` when it finishes (one small file per image and
 table, so a crashed run keeps what it finished); `compact` folds a run's pending files into its
 one file per partition, replacing that run's earlier rows of the same images. A night never
-rewrites another night's file, and re-running a run id replaces only its own rows. segpipe's own
+rewrites another night's file, and re-running a run id replaces only its own rows (of the same
+model card: another card's rows of the same images stay). segpipe's own
 readers (`read_table`, the DuckDB views of `segpipe stats`) see compacted rows plus pending
 ones, the pending rows of a (run, image) superseding compacted ones, so nothing is counted twice
 at any moment. Pending rows live outside the table folders: a glob over a table (DuckDB's and
@@ -39,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -95,9 +95,9 @@ REGION_CLASS_SCHEMA = pa.schema(
 TABLES = {"image_class": IMAGE_CLASS_SCHEMA, "block_class": BLOCK_CLASS_SCHEMA, "region_class": REGION_CLASS_SCHEMA}
 # Row order inside a run's file, so that the same rows always give the same bytes.
 SORT_KEYS = {
-    "image_class": ["image_uri", "class_id"],
-    "block_class": ["image_uri", "slice_start", "row_start", "col_start", "class_id"],
-    "region_class": ["image_uri", "regions_file", "region", "class_id"],
+    "image_class": ["image_uri", "class_id", "model"],
+    "block_class": ["image_uri", "slice_start", "row_start", "col_start", "class_id", "model"],
+    "region_class": ["image_uri", "regions_file", "region", "class_id", "model"],
 }
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -220,11 +220,16 @@ def begin_run(stats_root: str | Path, run_id: str, run_date: dt.date) -> dt.date
     return run_date
 
 
-def image_file_id(image_uri: str, image: str) -> str:
+def image_file_id(image_uri: str, image: str, model: str | None = None) -> str:
     """A file name for an image's pending rows: its stem plus a hash of its URI (stems repeat
-    across folders)."""
-    digest = hashlib.sha256(image_uri.encode()).hexdigest()[:12]
+    across folders) and of the model card's name (two cards' rows of one image in one run are
+    both kept)."""
+    digest = hashlib.sha256((image_uri if model is None else f"{image_uri}\0{model}").encode()).hexdigest()[:12]
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', image)[:80]}-{digest}"
+
+
+def _image_and_model(table: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(table["image_uri"].to_pylist(), table["model"].to_pylist()))
 
 
 def write_image_rows(stats_root: str | Path, run_id: str, run_date: dt.date, image_id: str,
@@ -253,10 +258,11 @@ def compact(stats_root: str | Path) -> int:
         for (partition_name, run_id), pending in sorted(by_run.items()):
             run_file = f"{_root(stats_root)}/{name}/{partition_name}/{run_id}.parquet"
             fresh = pa.concat_tables(_read_all(sorted(pending), TABLES[name]))
-            if _exists(run_file):
+            if _exists(run_file):  # an image's rows of the same card in the same run are replaced
                 earlier = _read_parquet(run_file, TABLES[name])
-                replaced = pc.is_in(earlier["image_uri"], value_set=pc.unique(fresh["image_uri"]))
-                fresh = pa.concat_tables([earlier.filter(pc.invert(replaced)), fresh])
+                again = set(_image_and_model(fresh))
+                kept = pa.array([key not in again for key in _image_and_model(earlier)], pa.bool_())
+                fresh = pa.concat_tables([earlier.filter(kept), fresh])
             _write_parquet(run_file, fresh.sort_by([(key, "ascending") for key in SORT_KEYS[name]]))
             storage.remove_files(pending)
             # No empty folders left behind for readers to wade through; each folder looked at
@@ -314,9 +320,11 @@ def read_table(stats_root: str | Path, name: str = "image_class") -> pa.Table:
     rows = _read_all(compacted, schema)
     fresh = pa.concat_tables(_read_all(pending, schema)) if pending else schema.empty_table()
     if fresh.num_rows:
-        superseded = set(zip(fresh["run_id"].to_pylist(), fresh["image_uri"].to_pylist()))
-        rows = [t.filter(pa.array([(r, u) not in superseded for r, u in zip(t["run_id"].to_pylist(), t["image_uri"].to_pylist())], pa.bool_()))
-                for t in rows]
+        def keys(table: pa.Table) -> list[tuple[str, str, str]]:
+            return list(zip(table["run_id"].to_pylist(), table["image_uri"].to_pylist(), table["model"].to_pylist()))
+
+        superseded = set(keys(fresh))
+        rows = [t.filter(pa.array([key not in superseded for key in keys(t)], pa.bool_())) for t in rows]
     return pa.concat_tables(rows + [fresh]) if rows else fresh
 
 

@@ -74,7 +74,8 @@ def connect(stats_root: str) -> duckdb.DuckDBPyConnection:
         con.execute(f"""
             CREATE VIEW {name} AS
             SELECT * FROM _{name}_compacted AS c
-            WHERE NOT EXISTS (SELECT 1 FROM _{name}_pending AS p WHERE p.run_id = c.run_id AND p.image_uri = c.image_uri)
+            WHERE NOT EXISTS (SELECT 1 FROM _{name}_pending AS p WHERE p.run_id = c.run_id AND p.image_uri = c.image_uri
+                              AND p.model = c.model)
             UNION ALL BY NAME
             SELECT * FROM _{name}_pending""")
     con.execute("SET enable_external_access = false")

@@ -136,6 +136,37 @@ def test_two_nights_appended_and_a_rerun_give_exactly_the_expected_rows(ray_clus
             ("night-1", "2026-11-01"), ("night-2", "2026-11-02")}
 
 
+def test_two_cards_in_one_run_keep_each_others_rows(ray_cluster, sentinel_scene, tmp_path, capsys):
+    """Two cards over the same images on the same day (the default run id is the date): the
+    second replaced the first's rows, so its areas were lost from the root. A re-run of a card
+    replaces its own rows only, compacted or pending, in Python and in DuckDB's views."""
+    from pipelines.stats import image_file_id, write_image_rows
+
+    out = tmp_path / "out"
+    stats_root = out / "stats"
+    for card in ("s2-cloud-l1c", "s2-cloud", "s2-cloud-l1c"):
+        assert main(["segment", str(sentinel_scene), "--model", card, "--out", str(out), "--run-id", "day"]) == 0
+    table = read_table(stats_root)
+    assert sorted(set(table["model"].to_pylist())) == ["s2-cloud", "s2-cloud-l1c"]
+    keys = key_rows(table, "model", "class_id")
+    assert len(keys) == len(set(keys)) == 2 * 3
+    # A pending re-run of one card (a night in progress) supersedes that card's rows only.
+    l1c = table.filter(pc.equal(table["model"], "s2-cloud-l1c"))
+    uri = l1c["image_uri"][0].as_py()
+    rerun = l1c.set_column(l1c.schema.get_field_index("pixel_count"), "pixel_count",
+                           pa.array([7] * l1c.num_rows, pa.int64()))
+    write_image_rows(stats_root, "day", l1c["run_date"][0].as_py(), image_file_id(uri, "scene", "s2-cloud-l1c"),
+                     {"image_class": rerun})
+    table = read_table(stats_root)
+    by_model = {m: sorted(table.filter(pc.equal(table["model"], m))["pixel_count"].to_pylist())
+                for m in ("s2-cloud", "s2-cloud-l1c")}
+    assert by_model["s2-cloud-l1c"] == [7, 7, 7] and sum(by_model["s2-cloud"]) == l1c["valid_pixels"][0].as_py()
+    capsys.readouterr()
+    assert main(["stats", str(out), "--by", "model", "--format", "json"]) == 0
+    rows = {row["model"]: row["pixel_count"] for row in json.loads(capsys.readouterr().out)}
+    assert rows == {"s2-cloud-l1c": 21, "s2-cloud": sum(by_model["s2-cloud"])}
+
+
 def test_an_interrupted_compaction_never_counts_an_image_twice(tmp_path):
     stats_root = tmp_path / "stats"
     generate_dataset(stats_root, images=6, classes=4, nights=1)
