@@ -168,11 +168,14 @@ def image_section(root: str, name: str, entry: dict, blocks: dict, colours: dict
 
 
 def relative(root: str, path: str) -> str:
-    """A link from <root>/runs/ to an output."""
+    """A link from <root>/runs/ to an output, its characters URL-escaped: an image named
+    `scene#1` or `what?` linked to a fragment or a query, `100%` to nothing."""
+    from urllib.parse import quote
+
     if storage.is_remote(path):
         return path
     try:
-        return "../" + Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        return "../" + quote(Path(path).resolve().relative_to(Path(root).resolve()).as_posix())
     except ValueError:
         return Path(path).resolve().as_uri()
 

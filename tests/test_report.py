@@ -134,6 +134,24 @@ def test_a_night_run_again_keeps_its_earlier_images_in_its_report(night, tmp_pat
     assert sorted(json.loads((again / "runs" / "other.json").read_text())["skipped"]) == ["north", "south"]
 
 
+def test_the_reports_links_reach_outputs_of_any_name(ray_cluster, prefect_server, sentinel_scene, tmp_path):
+    """Image names are file names: `scene#1`, `what?` and `100%` gave links to a fragment, a
+    query and nothing."""
+    from urllib.parse import unquote, urljoin, urlsplit
+
+    archive = tmp_path / "archive"
+    for name in ("scene#1", "what?", "100%"):
+        write_crop(sentinel_scene, archive / f"{name}.tif", size=64)
+    root = tmp_path / "root"
+    segment_archive(str(archive), "s2-cloud-l1c", str(root), RunOptions(run_id="names"), return_state=True)
+    page = root / "runs" / "names.html"
+    links = re.findall(r"href='([^']*)'", page.read_text())
+    assert len(links) == 3 * 3
+    for link in links:
+        target = Path(unquote(urlsplit(urljoin(page.as_uri(), link)).path))
+        assert target.is_file() and target.parent.name in ("scene#1", "what?", "100%"), link
+
+
 def test_version_quiet_and_json(ray_cluster, sentinel_scene, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
