@@ -20,6 +20,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 from flows.prefect_api import quiet_prefect
 
@@ -358,7 +359,9 @@ def run_summary_markdown(report: dict) -> str:
              f"{len(report['done'])} done, {len(report['skipped'])} skipped, {len(report['failed'])} failed; "
              f"model {report.get('model', '')}.", ""]
     if report.get("html"):
-        lines += [f"Report: [{report['html']}]({report['html']})", ""]
+        # A file URI, escaped: a root whose path has a space or a '#' broke the markdown link.
+        target = report["html"] if storage.is_remote(report["html"]) else Path(report["html"]).resolve().as_uri()
+        lines += [f"Report: [{report['html']}]({target})", ""]
     if totals:
         lines += ["| class | area |", "|---|---|"] + [f"| {name} | {format_area(area, unit)} |"
                                                     for (name, unit), area in totals.items()]
