@@ -346,10 +346,14 @@ def collection_paused() -> Iterator[None]:
 
 def run_command(args: argparse.Namespace, run_night) -> int:
     report = run_night(args.archive, args.model, args.out, options_from_args(args))
-    if not (report["done"] or report["skipped"] or report["failed"]):  # nothing found at all
-        from pipelines.sources import nothing_found_note
+    from pipelines.sources import left_out_note, nothing_found_note
 
+    if not (report["done"] or report["skipped"] or report["failed"]):  # nothing found at all
         note(nothing_found_note(args.archive))
+    else:
+        left_out = left_out_note(args.archive)
+        if left_out:
+            note(left_out)
     if args.json:
         print(json.dumps(report, default=str))
     else:

@@ -120,7 +120,8 @@ def has_glob_characters(text: str) -> bool:
     return any(character in text for character in GLOB_CHARACTERS)
 
 
-def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes: Iterable[str] = ()) -> list[str]:
+def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes: Iterable[str] = (),
+                hidden: bool = False) -> list[str]:
     """Files directly in a folder / under a prefix whose names end in one of `suffixes`
     (case-insensitive, e.g. (".tif", ".tiff")), and folders whose names end in one of
     `folder_suffixes` (stores such as ".zarr"), sorted. Not recursive. A glob pattern
@@ -131,25 +132,27 @@ def list_images(uri_prefix: str | Path, suffixes: Iterable[str], folder_suffixes
     Remote entries come back as full URIs (s3://bucket/key); local ones as paths under the
     folder as it was given. Hidden names (a leading dot) are left out: macOS's AppleDouble
     companions (`._scene.tif`, not images) on shared drives and the temporary files of a copy
-    in progress (rsync's `.scene.tif.Xy12`).
+    in progress (rsync's `.scene.tif.Xy12`); `hidden=True` lists only those.
     """
     uri_prefix = str(uri_prefix)
     if has_glob_characters(uri_prefix) and not is_folder(uri_prefix):
-        return [uri for uri in _glob_files(uri_prefix) if not is_hidden(uri)]
+        return [uri for uri in _glob_files(uri_prefix) if is_hidden(uri) == hidden]
     endings = {"file": tuple(s.lower() for s in suffixes), "directory": tuple(s.lower() for s in folder_suffixes)}
     if not is_remote(uri_prefix):
         folder = _local_path(uri_prefix)
         if not folder.is_dir():
             raise InputError(uri_prefix, "no such folder")
         return sorted(str(p) for p in folder.iterdir()
-                      if p.name.lower().endswith(endings["file" if p.is_file() else "directory"]) and not is_hidden(p.name))
+                      if p.name.lower().endswith(endings["file" if p.is_file() else "directory"])
+                      and is_hidden(p.name) == hidden)
     with _input_errors(uri_prefix):
         fs, path = filesystem(uri_prefix)
         entries = fs.ls(path.rstrip("/"), detail=True)
     return sorted(
         fs.unstrip_protocol(entry["name"].rstrip("/"))
         for entry in entries
-        if entry["name"].rstrip("/").lower().endswith(endings.get(entry["type"], ())) and not is_hidden(entry["name"])
+        if entry["name"].rstrip("/").lower().endswith(endings.get(entry["type"], ()))
+        and is_hidden(entry["name"]) == hidden
     )
 
 

@@ -493,7 +493,7 @@ def test_jpeg_2000_images_are_listed_and_sentinel2_band_files_are_left_out_with_
             rasterio.open(segmented_scene / "sentinel2_scene" / "labels.tif") as expected:
         np.testing.assert_array_equal(labels.read(1), expected.read(1))
     assert list_archive(bands) == []
-    assert nothing_found_note(bands).startswith(f"{bands} holds 2 Sentinel-2 band file(s) (")
+    assert nothing_found_note(bands).startswith(f"{bands}: left out 2 Sentinel-2 band file(s) (")
     assert "gdalbuildvrt -separate -resolution highest" in nothing_found_note(bands)
 
 

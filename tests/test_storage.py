@@ -135,6 +135,10 @@ def test_hidden_files_are_not_images_of_an_archive(s3, bucket, archived_scene, t
     assert storage.list_images(str(local / "*.tif"), IMAGE_SUFFIXES) == [str(local / "sentinel2_scene.tif")]
     assert storage.list_images(f"s3://{bucket}/archive", IMAGE_SUFFIXES) == [archived_scene]
     assert storage.list_images(f"s3://{bucket}/archive/*.tif", IMAGE_SUFFIXES) == [archived_scene]
+    from pipelines.sources import left_out_note
+
+    for archive in (str(local), f"s3://{bucket}/archive"):  # what a night says it left out
+        assert left_out_note(archive).startswith(f"{archive}: left out 2 hidden file(s) (")
 
 
 def test_rasterio_reads_the_s3_object_as_the_local_file(archived_scene, sentinel_scene):

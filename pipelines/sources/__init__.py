@@ -267,6 +267,25 @@ def list_archive(archive: str | Path) -> list[str]:
 SENTINEL2_BAND_FILE = re.compile(r"_B(0[1-9]|1[0-2]|8A)(_[126]0m)?\.jp2$", re.IGNORECASE)
 
 
+def left_out_note(archive: str | Path) -> str | None:
+    """What an archive's listing left out that looks like images: hidden files (a leading dot)
+    and a Sentinel-2 product's one-band files."""
+    archive = str(archive)
+    if stac.is_stac(archive):
+        return None
+    hidden = storage.list_images(archive, ARCHIVE_SUFFIXES, ARCHIVE_FOLDER_SUFFIXES, hidden=True)
+    bands = [uri for uri in storage.list_images(archive, (".jp2",), ()) if SENTINEL2_BAND_FILE.search(uri)]
+    parts = []
+    if hidden:
+        parts.append(f"{len(hidden)} hidden file(s) ({hidden[0].rsplit('/', 1)[-1]}{', ...' if len(hidden) > 1 else ''}: "
+                     "a name starting with a dot, as macOS's ._ companions and copies in progress have)")
+    if bands:
+        parts.append(f"{len(bands)} Sentinel-2 band file(s) ({bands[0].rsplit('/', 1)[-1]}, ...: one band each; "
+                     "stack a product's bands into one image, gdalbuildvrt -separate -resolution highest scene.vrt "
+                     "B02.jp2 B03.jp2 ... in the card's band order, or give its STAC item)")
+    return f"{archive}: left out {' and '.join(parts)}" if parts else None
+
+
 def nothing_found_note(archive: str | Path) -> str:
     """Why an archive gave no image, for a run that found none: the folder is listed in itself
     only (not recursively), by suffix; a pattern matched nothing; a STAC document lists no item."""
@@ -276,11 +295,9 @@ def nothing_found_note(archive: str | Path) -> str:
     if storage.has_glob_characters(archive) and not storage.is_folder(archive):
         return f"the pattern {archive} matches no file"
     readable = ", ".join((*ARCHIVE_SUFFIXES, *ARCHIVE_FOLDER_SUFFIXES))
-    band_files = [uri for uri in storage.list_images(archive, (".jp2",), ()) if SENTINEL2_BAND_FILE.search(uri)]
-    if band_files:
-        return (f"{archive} holds {len(band_files)} Sentinel-2 band file(s) ({band_files[0].rsplit('/', 1)[-1]}, "
-                "...), one band each, left out: stack a product's bands into one image (gdalbuildvrt -separate "
-                "-resolution highest scene.vrt B02.jp2 B03.jp2 ..., in the card's band order) or give its STAC item")
+    left_out = left_out_note(archive)
+    if left_out:
+        return f"{left_out}, and holds no other image"
     folders = storage.subfolders(archive)
     if not folders:
         return f"{archive} holds no image segpipe reads (it lists {readable} files in the folder)"
