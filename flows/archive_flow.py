@@ -393,20 +393,22 @@ def earlier_report(path: str) -> dict:
     return earlier if isinstance(earlier, dict) else {}
 
 
+def attempt_counts(report: dict) -> dict:
+    """One attempt of a run: when, and what it did."""
+    return {"started": report.get("started"), "finished": report.get("finished"), "done": len(report.get("done", [])),
+            "skipped": len(report.get("skipped", [])), "failed": len(report.get("failed", {}))}
+
+
 def attempts_of(report: dict) -> list[dict]:
     """A run report's attempts (one, for a report written before they were recorded)."""
-    if "attempts" in report:
-        return report["attempts"]
-    return [{"started": report.get("started"), "finished": report.get("finished"), "done": len(report.get("done", [])),
-             "skipped": len(report.get("skipped", [])), "failed": len(report.get("failed", {}))}]
+    return report["attempts"] if "attempts" in report else [attempt_counts(report)]
 
 
 def with_earlier_attempts(report: dict, earlier: dict) -> dict:
     """`report` (this attempt) with the images an earlier attempt of the same run id finished
     that this one skipped as done: they are done in the run. Images skipped as done by another
     run id stay skipped."""
-    attempt = {"started": report.get("started"), "finished": report.get("finished"), "done": len(report["done"]),
-               "skipped": len(report["skipped"]), "failed": len(report["failed"])}
+    attempt = attempt_counts(report)
     earlier_images = earlier.get("images", {})
     unclaimed = [name for name in earlier.get("done", []) if name in earlier_images and name not in report["done"]]
     carried, skipped = [], []

@@ -176,7 +176,7 @@ def train(images: str, labels: str, out: str | Path, options: TrainingOptions, r
     if not storage.is_remote(out):  # Ray's workers run in folders of their own
         out = str(Path(out).resolve())
     images, labels = training_data(out, images, labels, resume)
-    options = continued_options(out, options) if resume else fresh_options(out, options)
+    options = continued_options(out, options) if resume else fresh_options(out, options, images, labels)
     pairs, plan = prepare_training(images, labels, out, options)
     ensure_ray(options.ray_address)
     storage_path, filesystem = checkpoint_storage(out)
@@ -235,8 +235,8 @@ DATA_FILE = "training-data.json"
 
 
 def training_data(out: str, images: str | None, labels: str | None, resume: bool) -> tuple[str, str]:
-    """The run's images and labels: as given (and kept in OUT for a resume), or, resuming, as
-    kept; given again when resuming, they must be the same."""
+    """The run's images and labels: as given (fresh_options keeps them in OUT for a resume), or,
+    resuming, as kept; given again when resuming, they must be the same."""
     path = storage.join(out, DATA_FILE)
     given = {"images": images and storage.absolute(images), "labels": labels and storage.absolute(labels)}
     if not resume:
@@ -244,8 +244,6 @@ def training_data(out: str, images: str | None, labels: str | None, resume: bool
         if missing:
             raise InputError(" and ".join(missing), "required to start a training run (only --resume takes them "
                                                     "from the run in --out)")
-        if not storage.exists(storage.join(out, "checkpoints", RUN_NAME)):
-            storage.write_whole(path, json.dumps(given, indent=1).encode())
         return images, labels
     if not storage.exists(path):
         if images and labels:  # a run started before the data were kept
@@ -259,11 +257,14 @@ def training_data(out: str, images: str | None, labels: str | None, resume: bool
     return kept["images"], kept["labels"]
 
 
-def fresh_options(out: str, options: TrainingOptions) -> TrainingOptions:
+def fresh_options(out: str, options: TrainingOptions, images: str, labels: str) -> TrainingOptions:
+    """The options of a new run, kept in OUT with its images and labels (absolute)."""
     if storage.exists(storage.join(out, "checkpoints", RUN_NAME)):
         raise InputError(out, "holds a training run already: --resume continues it, or choose another --out")
     resolved = options.resolved(out)
     storage.write_whole(storage.join(out, OPTIONS_FILE), resolved.model_dump_json(indent=1).encode())
+    data = {"images": storage.absolute(images), "labels": storage.absolute(labels)}
+    storage.write_whole(storage.join(out, DATA_FILE), json.dumps(data, indent=1).encode())
     return resolved
 
 

@@ -228,8 +228,9 @@ def image_file_id(image_uri: str, image: str, model: str | None = None) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', image)[:80]}-{digest}"
 
 
-def _image_and_model(table: pa.Table) -> list[tuple[str, str]]:
-    return list(zip(table["image_uri"].to_pylist(), table["model"].to_pylist()))
+def _row_keys(table: pa.Table, columns: tuple[str, ...]) -> list[tuple]:
+    """Each row's values of `columns`, as tuples."""
+    return list(zip(*(table[column].to_pylist() for column in columns)))
 
 
 def write_image_rows(stats_root: str | Path, run_id: str, run_date: dt.date, image_id: str,
@@ -260,8 +261,8 @@ def compact(stats_root: str | Path) -> int:
             fresh = pa.concat_tables(_read_all(sorted(pending), TABLES[name]))
             if _exists(run_file):  # an image's rows of the same card in the same run are replaced
                 earlier = _read_parquet(run_file, TABLES[name])
-                again = set(_image_and_model(fresh))
-                kept = pa.array([key not in again for key in _image_and_model(earlier)], pa.bool_())
+                again = set(_row_keys(fresh, ("image_uri", "model")))
+                kept = pa.array([key not in again for key in _row_keys(earlier, ("image_uri", "model"))], pa.bool_())
                 fresh = pa.concat_tables([earlier.filter(kept), fresh])
             _write_parquet(run_file, fresh.sort_by([(key, "ascending") for key in SORT_KEYS[name]]))
             storage.remove_files(pending)
@@ -320,11 +321,9 @@ def read_table(stats_root: str | Path, name: str = "image_class") -> pa.Table:
     rows = _read_all(compacted, schema)
     fresh = pa.concat_tables(_read_all(pending, schema)) if pending else schema.empty_table()
     if fresh.num_rows:
-        def keys(table: pa.Table) -> list[tuple[str, str, str]]:
-            return list(zip(table["run_id"].to_pylist(), table["image_uri"].to_pylist(), table["model"].to_pylist()))
-
-        superseded = set(keys(fresh))
-        rows = [t.filter(pa.array([key not in superseded for key in keys(t)], pa.bool_())) for t in rows]
+        key = ("run_id", "image_uri", "model")
+        superseded = set(_row_keys(fresh, key))
+        rows = [t.filter(pa.array([k not in superseded for k in _row_keys(t, key)], pa.bool_())) for t in rows]
     return pa.concat_tables(rows + [fresh]) if rows else fresh
 
 

@@ -288,9 +288,7 @@ def prepare_pair(pair: TrainingPair, card: ModelCard, folder: str) -> PreparedIm
                           fill_value=NOT_LABELLED, overwrite=True)
     else:
         label_card = dataclasses.replace(card, bands=(1,), band_names=("labels",), mean=(0.0,), std=(1.0,))
-        label_source = open_source(pair.labels, label_card)
-        if hasattr(label_source, "as_stored"):  # a palette PNG's indices are its class ids (VOC's masks)
-            label_source = label_source.as_stored()
+        label_source = open_source(pair.labels, label_card).as_stored()  # a palette PNG's indices: VOC's masks
         if label_source.count != 1:  # band 1 of a colour mask would pass for class ids
             raise InputError(pair.labels, f"has {label_source.count} bands: a labels raster is one band of class ids "
                                           "(a colour-coded mask must first be turned into class ids)")
@@ -335,9 +333,10 @@ def check_same_grid(pair: TrainingPair, image, labels) -> None:
             raise InputError(pair.labels, f"is not on the grid of its image {pair.image} (another CRS or transform)")
 
 
-def rasterise_annotations(path: str, source, card: ModelCard) -> np.ndarray:
+def rasterise_annotations(path: str, source, card: ModelCard) -> tuple[np.ndarray, tuple[str, ...]]:
     """QuPath's GeoJSON (level-0 pixel coordinates, `classification.name`) on the grid the card
-    segments the slide at; pixels no annotation covers are not labelled."""
+    segments the slide at, pixels no annotation covers not labelled; and notes on what was left
+    out (unclassified annotations, points and lines)."""
     import shapely
     from affine import Affine
     from rasterio.features import rasterize

@@ -86,6 +86,11 @@ class Source:
         """(len(bands), *box.shape) pixels; bands are 1-based as in the card."""
         raise NotImplementedError
 
+    def as_stored(self) -> Source:
+        """This source read as the values its file stores, for a label file: the same source,
+        but for a palette image, whose indices are class ids (image.ImageSource)."""
+        return self
+
     def pixel_areas(self) -> PixelAreas:
         """Physical area (volume) of one pixel in each row along the first axis."""
         return pixel_areas(None, (1, 0, 0, 0, -1, 0), self.shape[0])

@@ -81,11 +81,13 @@ class ImageInfo:
         return dataclasses.replace(self, channels=1, channel_names=(None,), palette=None)
 
 
-def inspect_image(path: str) -> ImageInfo:
+def inspect_image(path: str, look_at_alpha: bool = True) -> ImageInfo:
+    """What the image holds; an alpha channel is looked at whole (ALPHA_CHECKED_PIXELS) unless
+    `look_at_alpha` is False (only whether it is readable is asked)."""
     if not Path(path).is_file():
         raise InputError(path, "no such file")
     info = _inspect_tiff(path) if path.lower().endswith(TIFF_SUFFIXES) else _inspect_gdal(path)
-    if info.alpha is not None and math.prod(info.shape) <= ALPHA_CHECKED_PIXELS:
+    if look_at_alpha and info.alpha is not None and math.prod(info.shape) <= ALPHA_CHECKED_PIXELS:
         alpha = read_image_box(dataclasses.replace(info, alpha=None), (info.alpha,), Box((0, 0), info.shape))
         if alpha.all():  # opaque everywhere (a picture saved as RGBA): no pixel is nodata
             return dataclasses.replace(info, alpha=None)
@@ -285,7 +287,7 @@ def opens_as_image(uri: str) -> bool:
     """Whether tifffile (TIFF) or GDAL (anything else) reads the file (a stack of planes too: the
     image kind then says why it cannot be segmented in 2D)."""
     try:
-        inspect_image(local_copy(uri) if storage.is_remote(uri) else uri)
+        inspect_image(local_copy(uri) if storage.is_remote(uri) else uri, look_at_alpha=False)
     except StackError:
         return True
     except InputError:

@@ -383,5 +383,6 @@ def georeferenced(uri: str) -> bool:
 
 
 # .vrt: GDAL's virtual rasters, the usual way to stack bands kept in files of their own (Sentinel-2's
-# JPEG 2000 bands: gdalbuildvrt -separate), listed in archives with the GeoTIFFs.
+# JPEG 2000 bands: gdalbuildvrt -separate); .jp2: JPEG 2000 orthophotos. Both listed in archives
+# with the GeoTIFFs (a Sentinel-2 product's one-band .jp2 files are not: sources.SENTINEL2_BAND_FILE).
 KIND = SourceKind("scene", open_scene, suffixes=(".tif", ".tiff", ".vrt", ".jp2"), recognises=georeferenced)
